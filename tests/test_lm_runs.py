@@ -1,0 +1,141 @@
+"""End-to-end runs of `grpo_baseline.py lm`: learning, determinism, reward-model path, bad input."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grpo_baseline as gb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def scalars(run_dir: str) -> dict:
+    """All TensorBoard scalars of a run: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def run(tmp_path, **overrides) -> tuple:
+    args = gb.LMArgs(output_dir=str(tmp_path), **overrides)
+    summary = gb.train_lm(args)
+    return summary, os.path.join(str(tmp_path), summary["run_name"])
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_tiny_task_win_rate_rises_from_half(tmp_path, seed):
+    summary, run_dir = run(tmp_path, seed=seed, num_iterations=20, eval_every=20)
+    win = dict(scalars(run_dir)["eval/win_rate"])
+    assert 0.3 <= win[0] <= 0.7, win  # the policy starts as the reference
+    assert summary["eval/win_rate"] >= 0.75, summary
+    assert summary["eval/score"] > summary["eval/reference_score"]
+
+
+def test_same_seed_same_logged_metrics(tmp_path):
+    _, dir_a = run(tmp_path / "a", num_iterations=3, eval_every=2)
+    _, dir_b = run(tmp_path / "b", num_iterations=3, eval_every=2)
+    a, b = scalars(dir_a), scalars(dir_b)
+    assert a.keys() == b.keys() and "losses/policy_loss" in a and "eval/win_rate" in a
+    for tag in a:
+        if tag != "charts/SPS":  # wall-clock
+            assert a[tag] == b[tag], tag
+
+
+def test_micro_batching_gives_the_full_batch_update_and_saved_model_loads(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    common = dict(num_iterations=2, eval_every=2, update_epochs=2, num_minibatches=2, save_model=True)
+    _, dir_full = run(tmp_path / "full", micro_batch_size=64, **common)
+    _, dir_micro = run(tmp_path / "micro", micro_batch_size=5, **common)
+    full = AutoModelForCausalLM.from_pretrained(os.path.join(dir_full, "model"))
+    micro = AutoModelForCausalLM.from_pretrained(os.path.join(dir_micro, "model"))
+    for (name, p), q in zip(full.named_parameters(), micro.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(dir_full, "model"))
+    assert tokenizer("a")["input_ids"][0] == ord("a") + 3
+    assert json.load(open(os.path.join(dir_full, "summary.json")))["iterations"] == 2
+
+
+SMALL = dict(num_iterations=2, eval_every=1, prompts_per_step=2, group_size=4, num_eval_prompts=3, max_new_tokens=8)
+
+
+def test_reward_model_on_hh_rlhf_schema(tmp_path, tiny_policy_dir, tiny_reward_dir, hh_dir):
+    summary, run_dir = run(tmp_path, model_name_or_path=tiny_policy_dir, reward_model_name_or_path=tiny_reward_dir,
+                           dataset_name=hh_dir, save_model=True, **SMALL)
+    assert summary["global_step"] == 2 * 2 * 4
+    logged = scalars(run_dir)
+    assert len({v for _, v in logged["charts/score"]}) > 0 and "eval/kl_to_reference" in logged
+    assert os.path.exists(os.path.join(run_dir, "model", "config.json"))
+
+
+def test_reward_model_with_chat_templates_on_ultrafeedback_schema(tmp_path, tiny_chat_policy_dir,
+                                                                   tiny_chat_reward_dir, ultrafeedback_dir):
+    summary, _ = run(tmp_path, model_name_or_path=tiny_chat_policy_dir, reward_model_name_or_path=tiny_chat_reward_dir,
+                     dataset_name=ultrafeedback_dir, **SMALL)
+    assert summary["global_step"] == 16 and 0.0 <= summary["eval/win_rate"] <= 1.0
+
+
+def test_ultrafeedback_prompts_are_chat_templated(ultrafeedback_dir, tiny_chat_policy_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_policy_dir)
+    train, held_out = gb.load_lm_prompts(gb.LMArgs(dataset_name=ultrafeedback_dir, num_eval_prompts=4), tokenizer)
+    assert len(train) == 12 and len(held_out) == 4  # train_prefs / test_prefs, not train_sft
+    assert train[0]["text"] == "<user>Write a short line about the number 0.<assistant>" and train[0]["templated"]
+
+
+def test_single_local_jsonl_file_holds_out_eval_prompts(tmp_path, hh_dir):
+    from transformers import ByT5Tokenizer
+
+    args = gb.LMArgs(dataset_name=os.path.join(hh_dir, "train.jsonl"), num_eval_prompts=4)
+    train, held_out = gb.load_lm_prompts(args, ByT5Tokenizer())
+    assert len(train) == 8 and len(held_out) == 4
+    assert held_out[0]["text"].endswith("\n\nAssistant:")
+
+
+# ---- bad input: one line, non-zero exit, naming the problem
+def expect_error(match: str, **overrides):
+    with pytest.raises(SystemExit) as info:
+        gb.train_lm(gb.LMArgs(**overrides))
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message and match in message, message
+
+
+def test_group_size_below_two(tmp_path):
+    expect_error("--group-size", group_size=1, output_dir=str(tmp_path))
+
+
+def test_dataset_without_expected_column(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "hello"}) + "\n" + json.dumps({"text": "bye"}) + "\n")
+    expect_error("expected 'prompt' (UltraFeedback) or 'chosen' (HH-RLHF)", dataset_name=str(path),
+                 num_eval_prompts=1, output_dir=str(tmp_path))
+
+
+def test_hh_row_without_assistant_turn(tmp_path):
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b"}) + "\n" + json.dumps({"chosen": "oops"}) + "\n")
+    expect_error("dataset row 1 of split 'train'", dataset_name=str(path), num_eval_prompts=1, output_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("flag", ["model_name_or_path", "reward_model_name_or_path", "dataset_name"])
+def test_path_that_does_not_exist(tmp_path, flag):
+    expect_error("no such file or directory", **{flag: str(tmp_path / "missing" / "thing")}, output_dir=str(tmp_path))
+
+
+def test_reward_model_that_is_not_a_sequence_classifier(tmp_path, tiny_policy_dir):
+    expect_error("not a sequence classifier", reward_model_name_or_path=tiny_policy_dir, output_dir=str(tmp_path))
+
+
+def test_cli_prints_one_line_and_exits_non_zero(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "grpo_baseline.py"), "lm", "--group-size", "1",
+                           "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --group-size must be at least 2")
+    assert "Traceback" not in proc.stderr

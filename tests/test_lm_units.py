@@ -1,0 +1,138 @@
+"""Hand-computed checks of the LM pieces of grpo_baseline.py (spec sections 1-2)."""
+import math
+
+import pytest
+import torch
+
+import grpo_baseline as gb
+
+
+def test_group_advantages_with_std():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    std = math.sqrt((1.5**2 + 0.5**2 + 0.5**2 + 1.5**2) / 3)  # unbiased group std
+    expected = torch.tensor([[-1.5, -0.5, 0.5, 1.5]]) / (std + 1e-4)
+    torch.testing.assert_close(gb.group_advantages(rewards, scale_by_std=True), expected)
+
+
+def test_group_advantages_without_std_is_centred_reward():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 1.0, 3.0]])
+    expected = torch.tensor([[-1.5, -0.5, 0.5, 1.5], [-1.0, -1.0, 0.0, 2.0]])
+    torch.testing.assert_close(gb.group_advantages(rewards, scale_by_std=False), expected)
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_all_equal_group_has_zero_advantage(scale):
+    rewards = torch.tensor([[5.0, 5.0, 5.0, 5.0], [1.0, 2.0, 3.0, 4.0]])
+    advantages = gb.group_advantages(rewards, scale_by_std=scale)
+    assert torch.equal(advantages[0], torch.zeros(4))
+    assert advantages[1].abs().sum() > 0
+
+
+def test_clipped_surrogate_both_sides_of_the_clip():
+    # ratio 1.5 and 0.5 against advantages +1 and -1, eps = 0.2
+    logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5, 1.1]))
+    old = torch.zeros(5)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0])
+    surrogate, clipped = gb.clipped_surrogate(logp, old, adv, 0.2, 0.2)
+    # A>0, ratio above 1+eps: capped at 1.2.  A<0, ratio above: unclipped -1.5 is lower.
+    # A>0, ratio below 1-eps: unclipped 0.5 is lower.  A<0, ratio below: capped at -0.8.
+    torch.testing.assert_close(surrogate, torch.tensor([1.2, -1.5, 0.5, -0.8, 1.1]))
+    assert clipped.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_clipped_surrogate_asymmetric_range():
+    logp = torch.log(torch.tensor([1.3, 0.7]))
+    surrogate, clipped = gb.clipped_surrogate(logp, torch.zeros(2), torch.tensor([1.0, -1.0]), 0.2, 0.28)
+    torch.testing.assert_close(surrogate, torch.tensor([1.28, -0.8]))
+    assert clipped.tolist() == [1.0, 1.0]
+
+
+def test_surrogate_gradient_is_zero_where_clipped():
+    logp = torch.log(torch.tensor([1.5, 1.1])).requires_grad_(True)
+    surrogate, _ = gb.clipped_surrogate(logp, torch.zeros(2), torch.ones(2), 0.2, 0.2)
+    surrogate.sum().backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([0.0, 1.1]))  # d(rho)/d(logp) = rho
+
+
+def test_k3_kl_hand_values():
+    logp = torch.log(torch.tensor([0.5, 0.25, 0.3]))
+    ref = torch.log(torch.tensor([0.25, 0.5, 0.3]))
+    # r = p_ref / p_theta: 0.5 -> 0.5 - ln 0.5 - 1 ; 2 -> 2 - ln 2 - 1 ; equal -> 0
+    expected = torch.tensor([0.5 + math.log(2) - 1, 2 - math.log(2) - 1, 0.0])
+    torch.testing.assert_close(gb.k3_kl(logp, ref), expected)
+
+
+def test_k3_kl_is_unbiased_for_the_true_kl():
+    p = torch.tensor([0.6, 0.3, 0.1])
+    q = torch.tensor([0.2, 0.5, 0.3])
+    exact = (p * (p / q).log()).sum()
+    expectation = (p * gb.k3_kl(p.log(), q.log())).sum()  # E over tokens sampled from p
+    torch.testing.assert_close(expectation, exact)
+
+
+def test_completion_mask_stops_after_first_eos():
+    tokens = torch.tensor([[5, 1, 7, 0], [5, 6, 7, 8], [1, 0, 0, 0], [4, 2, 1, 1]])
+    assert gb.completion_mask(tokens, {1}).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]]
+    # several EOS ids (chat models): the first of any ends the completion
+    assert gb.completion_mask(tokens, {1, 2}).tolist()[3] == [1, 1, 0, 0]
+
+
+def test_sequence_aggregation_is_mean_of_token_means():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0], [7.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    assert (gb.loss_weights(mask, "sequence") * x).sum().item() == pytest.approx((1.5 + 25.0 + 7.0) / 3)
+    assert (gb.loss_weights(mask, "token") * x).sum().item() == pytest.approx((1 + 2 + 10 + 20 + 30 + 40 + 7) / 7)
+
+
+def test_loss_weights_split_exactly_over_micro_batches():
+    mask = (torch.rand(6, 5) > 0.3).float()
+    mask[:, 0] = 1
+    x = torch.randn(6, 5)
+    w = gb.loss_weights(mask, "sequence")
+    whole = (w * x).sum()
+    parts = sum((w[i: i + 4] * x[i: i + 4]).sum() for i in range(0, 6, 4))
+    torch.testing.assert_close(whole, parts)
+
+
+def test_hh_prompt_keeps_dialogue_up_to_last_assistant_turn():
+    chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye?\n\nAssistant: see you"
+    record = gb.hh_prompt(chosen, 0, "train")
+    assert record["text"] == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye?\n\nAssistant:"
+    assert record["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                  {"role": "user", "content": "bye?"}]
+
+
+def test_hh_prompt_without_assistant_turn_names_the_row():
+    with pytest.raises(SystemExit, match="row 3 of split 'test'"):
+        gb.hh_prompt("\n\nHuman: hi", 3, "test")
+
+
+def test_prompts_never_end_in_eos():
+    from transformers import ByT5Tokenizer
+
+    tokenizer = ByT5Tokenizer()  # appends EOS (id 1) to every text by default
+    ids = gb.encode_prompts(tokenizer, gb.tiny_task_prompts(4), 256, {tokenizer.eos_token_id})
+    assert all(p and p[-1] != tokenizer.eos_token_id for p in ids)
+    record = {"text": "abcdef", "templated": False, "messages": []}
+    assert gb.encode_prompts(tokenizer, [record], 3, {1}) == [[ord("d") + 3, ord("e") + 3, ord("f") + 3]]
+
+
+def test_token_logprobs_match_generate_under_left_padding():
+    from conftest import tiny_llama_config
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config()).eval()
+    model.generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=6,
+                                               eos_token_id=[1], pad_token_id=0)
+    ids, mask = gb.left_pad([[100, 101], [102, 103, 104, 105]], 0)
+    out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_logits=True)
+    n = out.sequences.shape[1] - ids.shape[1]
+    full_mask = torch.cat([mask, torch.ones(2, n, dtype=torch.long)], 1)
+    ours = gb.token_logprobs(model, out.sequences, full_mask, n, 0.7)
+    scaled = torch.stack(out.logits, 1).float() / 0.7
+    theirs = scaled.log_softmax(-1).gather(-1, out.sequences[:, -n:, None]).squeeze(-1)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # the short prompt's log-probs do not depend on how much padding sits to its left
+    alone = gb.token_logprobs(model, out.sequences[:1, 2:], full_mask[:1, 2:], n, 0.7)
+    torch.testing.assert_close(alone, ours[:1], atol=1e-5, rtol=1e-5)
