@@ -271,7 +271,7 @@ def load_lm_policy(args: LMArgs, device: torch.device):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        policy.activation_checkpointing_enable()
     policy.to(device)
     frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
     reference = copy.deepcopy(policy).to(frozen_dtype).eval().requires_grad_(False)

@@ -47,12 +47,12 @@ def test_same_seed_same_logged_metrics(tmp_path):
             assert a[tag] == b[tag], tag
 
 
-def test_micro_batching_gives_the_full_batch_update_and_saved_model_loads(tmp_path):
+def test_micro_batching_and_checkpointing_give_the_full_batch_update_and_saved_model_loads(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     common = dict(num_iterations=2, eval_every=2, update_epochs=2, num_minibatches=2, save_model=True)
     _, dir_full = run(tmp_path / "full", micro_batch_size=64, **common)
-    _, dir_micro = run(tmp_path / "micro", micro_batch_size=5, **common)
+    _, dir_micro = run(tmp_path / "micro", micro_batch_size=5, gradient_checkpointing=True, **common)
     full = AutoModelForCausalLM.from_pretrained(os.path.join(dir_full, "model"))
     micro = AutoModelForCausalLM.from_pretrained(os.path.join(dir_micro, "model"))
     for (name, p), q in zip(full.named_parameters(), micro.parameters()):
