@@ -1,0 +1,138 @@
+"""`grpo_baseline.py mujoco`: branched rollouts (spec section 6), masks, a smoke run, bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import grpo_baseline as gb
+
+
+def small_args(**overrides):
+    kwargs = dict(num_trunks=2, group_size=4, segment_length=16, num_minibatches=2, update_epochs=2,
+                  total_timesteps=1024, eval_every=100, num_eval_episodes=1)
+    kwargs.update(overrides)
+    return gb.MujocoArgs(**kwargs)
+
+
+def branches_for(args, histories=True):
+    envs = [gb.make_mujoco_env(args.env_id).unwrapped for _ in range(args.num_trunks * args.group_size)]
+    rng = np.random.default_rng(0)
+    for i, env in enumerate(envs):
+        env.reset(seed=i)
+        for _ in range(rng.integers(1, 30) if histories else 0):  # different pasts, different solver warm starts
+            env.step(env.action_space.sample())
+    return envs
+
+
+def start_states(args):
+    env = gb.make_mujoco_env(args.env_id)
+    states, obs = [], []
+    for n in range(args.num_trunks):
+        obs.append(env.reset(seed=100 + n)[0])
+        states.append(gb.snapshot(env))
+    return states, np.stack(obs)
+
+
+@pytest.mark.parametrize("env_id", ["HalfCheetah-v4", "Hopper-v4"])
+def test_restored_branches_with_the_same_actions_are_identical(env_id):
+    args = small_args(env_id=env_id)
+    envs = branches_for(args)
+    states, _ = start_states(args)
+    actions = np.random.default_rng(1).uniform(-1, 1, size=(40, envs[0].action_space.shape[0]))
+    finals = []
+    for env in envs[:4]:
+        gb.restore(env, states[0])
+        for a in actions:
+            obs, *_ = env.step(a)
+        finals.append(obs)
+    for other in finals[1:]:
+        np.testing.assert_array_equal(finals[0], other)
+
+
+def test_rollout_groups_share_their_trunk_state():
+    args = small_args()
+    envs = branches_for(args)
+    states, obs = start_states(args)
+    policy = gb.GaussianPolicy(obs.shape[1], envs[0].action_space.shape[0])
+    with torch.no_grad():
+        policy.log_std.fill_(-30.0)  # std ~ 1e-13: every branch of a group takes the same actions
+    batch = gb.branched_rollout(policy, envs, states, obs, np.array([1000, 1000]), gb.RunningMeanStd(obs.shape[1]),
+                                args, torch.device("cpu"))
+    G = args.group_size
+    for n in range(args.num_trunks):
+        np.testing.assert_array_equal(batch["raw_obs"][n * G: (n + 1) * G, 0], np.repeat(obs[n: n + 1], G, 0))
+        np.testing.assert_allclose(batch["end_obs"][n * G: (n + 1) * G], np.repeat(batch["end_obs"][n * G: n * G + 1], G, 0), atol=1e-6)
+    assert not np.allclose(batch["end_obs"][0], batch["end_obs"][G])  # different trunks, different states
+
+
+def test_terminated_and_time_limited_branches_are_masked():
+    args = small_args(env_id="Hopper-v4", segment_length=200)
+    envs = branches_for(args, histories=False)
+    states, obs = start_states(args)
+    policy = gb.GaussianPolicy(obs.shape[1], envs[0].action_space.shape[0])
+    with torch.no_grad():
+        policy.log_std.fill_(1.0)  # wild actions: Hopper falls within 200 steps
+    steps_left = np.array([1000, 37])  # trunk 1 is 37 steps from its time limit
+    batch = gb.branched_rollout(policy, envs, states, obs, steps_left, gb.RunningMeanStd(obs.shape[1]), args, torch.device("cpu"))
+    mask, lengths, G = batch["mask"], batch["lengths"], args.group_size
+    assert batch["terminated"][:G].any()
+    for i in range(len(envs)):
+        assert mask[i, : lengths[i]].all() and not mask[i, lengths[i]:].any()  # a prefix, then nothing
+        if batch["terminated"][i]:
+            assert lengths[i] < 200
+    assert (lengths[G:] <= 37).all() and (lengths[G:][~batch["terminated"][G:]] == 37).all()
+    assert (batch["logp"][mask == 0] == 0).all() and batch["raw_obs"][mask == 0].sum() == 0
+
+
+def test_segment_advantage_is_shared_by_every_step_and_masked_steps_get_no_gradient():
+    scores = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    advantages = gb.group_advantages(scores.view(1, 4)).view(-1)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    logp = torch.zeros(4, 3, requires_grad=True)  # at theta_old: every ratio is 1
+    surrogate, _ = gb.clipped_surrogate(logp, logp.detach(), advantages[:, None], 0.2, 0.2)
+    weights = gb.loss_weights(mask, "sequence")
+    (-(weights * surrogate).sum()).backward()
+    lengths = mask.sum(1, keepdim=True)
+    torch.testing.assert_close(logp.grad, -advantages[:, None] * mask / lengths / 4)
+
+
+def test_smoke_run_logs_saves_and_reloads(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = small_args(output_dir=str(tmp_path), group_size=2, total_timesteps=2 * 2 * 250 * 4, segment_length=250,
+                      eval_every=1, save_model=True)  # 4 segments of 250 steps: each trunk finishes one episode
+    summary = gb.train_mujoco(args)
+    run_dir = os.path.join(str(tmp_path), summary["run_name"])
+    assert summary["global_step"] == 4000 and summary["episodic_return"] is not None
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"charts/episodic_return", "charts/SPS", "eval/episodic_return", "losses/policy_loss",
+            "losses/approx_kl", "losses/clipfrac", "losses/entropy"} <= tags
+    assert len(acc.Scalars("charts/episodic_return")) == 2  # one finished episode per trunk
+    saved = torch.load(os.path.join(run_dir, "model.pt"), weights_only=False)
+    policy = gb.GaussianPolicy(17, 6)
+    policy.load_state_dict(saved["policy"])
+    assert saved["obs_mean"].shape == (17,) and saved["obs_count"] > 4000
+    assert json.load(open(os.path.join(run_dir, "summary.json")))["global_step"] == 4000
+
+
+def test_hopper_smoke_run_with_terminations(tmp_path):
+    summary = gb.train_mujoco(small_args(env_id="Hopper-v4", output_dir=str(tmp_path), total_timesteps=3000, segment_length=64))
+    assert summary["global_step"] >= 3000
+
+
+def expect_error(match, **overrides):
+    with pytest.raises(SystemExit) as info:
+        gb.train_mujoco(small_args(**overrides))
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message and match in message, message
+
+
+def test_bad_mujoco_input(tmp_path):
+    expect_error("--group-size", group_size=1, output_dir=str(tmp_path))
+    expect_error("--num-minibatches 3 must divide --num-trunks 2", num_minibatches=3, output_dir=str(tmp_path))
+    expect_error("not a MuJoCo environment", env_id="CartPole-v1", output_dir=str(tmp_path))
+    expect_error("--env-id 'NoSuchEnv-v0'", env_id="NoSuchEnv-v0", output_dir=str(tmp_path))
