@@ -589,6 +589,7 @@ class MujocoArgs:
     """full episodes from fresh resets with the mean action, per evaluation"""
 
 
+# ----------------------------------------------------------------------------- MuJoCo policy
 class RunningMeanStd:
     """Observation statistics shared by all branches, frozen within an iteration."""
 
@@ -628,6 +629,7 @@ class GaussianPolicy(torch.nn.Module):
         return torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean))
 
 
+# ----------------------------------------------------------------------------- MuJoCo branched rollouts
 def make_mujoco_env(env_id: str, **kwargs):
     import gymnasium as gym
     import mujoco
@@ -691,7 +693,7 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
         logp[active, t] = dist.log_prob(action).sum(-1).cpu().numpy()[active]
         for i in np.flatnonzero(active):
             obs[i], rewards[i, t], terminated[i], _, _ = branches[i].step(np.clip(actions[i, t], low, high))
-    return {"raw_obs": raw_obs, "actions": actions, "logp": logp, "mask": mask, "scores": rewards.sum(1),
+    return {"raw_obs": raw_obs, "actions": actions, "logp": logp, "mask": mask, "rewards": rewards, "scores": rewards.sum(1),
             "end_obs": obs, "terminated": terminated, "lengths": mask.sum(1).astype(int)}
 
 
@@ -720,6 +722,7 @@ def evaluate_mujoco(policy, obs_rms, args, num_episodes: int, seed: int, device,
     return returns.tolist()
 
 
+# ----------------------------------------------------------------------------- MuJoCo training loop
 def train_mujoco(args: MujocoArgs) -> dict:
     if args.group_size < 2:
         fail(f"--group-size must be at least 2 (got {args.group_size}): a group of one has no comparison")

@@ -1,0 +1,173 @@
+"""HalfCheetah-v4 benchmark: every algorithm x seed for 1M environment steps, two jobs at a
+time with one torch thread each, then curves and a summary from their TensorBoard logs.
+
+    pip install -r requirements.txt -r benchmarks/requirements.txt
+    python benchmarks/mujoco_halfcheetah.py --algos grpo --seeds 1 2 3
+    python benchmarks/mujoco_halfcheetah.py --algos grpo --seeds 1 --tag sweep \
+        --variants "H16=" "H32=--segment-length 32"      # name=flags, one label each
+
+
+Writes docs/results/{tag}_curves.csv (algo, seed, tag, global_step, value),
+docs/results/{tag}_summary.csv (one row per algo and seed) and docs/results/{tag}.png,
+where algo is the algorithm's name, with the variant's name in brackets if any. Raw `env.step` throughput, the physical limit of
+this design, is measured alone on one core before and after the runs (best of each three).
+"""
+import argparse
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALGOS = {  # name -> command prefix; extra flags go through --extra
+    "grpo": ["grpo_baseline.py", "mujoco"],
+    "soft": ["pair_grpo_soft_mujoco.py"],
+    "hard": ["pair_grpo_hard_mujoco.py"],
+}
+ANCHOR = 1443  # CleanRL ppo_continuous_action, HalfCheetah-v4, 1M steps: 1442.64 +- 46.03
+
+
+def raw_env_sps(env_id: str, num_envs: int, steps: int) -> float:
+    """Unwrapped env.step over num_envs environments in a Python loop, random actions."""
+    import gymnasium as gym
+    import mujoco
+
+    mujoco.set_mju_user_warning(lambda msg: None if "settotalmass" in msg else print(msg, file=sys.stderr))
+    envs = [gym.make(env_id).unwrapped for _ in range(num_envs)]
+    for i, env in enumerate(envs):
+        env.reset(seed=i)
+    actions = np.random.default_rng(0).uniform(-1, 1, (steps // num_envs + 1, num_envs, envs[0].action_space.shape[0]))
+    start = time.perf_counter()
+    for t in range(steps // num_envs):
+        for i, env in enumerate(envs):
+            env.step(actions[t, i])
+    return (steps // num_envs) * num_envs / (time.perf_counter() - start)
+
+
+def tb_scalars(run_dir: str) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algos", nargs="+", default=["grpo", "soft", "hard"], choices=sorted(ALGOS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--total-timesteps", type=int, default=1_000_000)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (at most the number of cores)")
+    parser.add_argument("--extra", default="", help="flags added to every run, e.g. '--segment-length 32'")
+    parser.add_argument("--variants", nargs="+", default=["="], help="name=flags: each algo runs once per variant")
+    parser.add_argument("--tag", default="halfcheetah", help="prefix of the output files")
+    parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "benchmarks"))
+    parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs", "results"))
+    args = parser.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    # The physical limit: best of three, before and after the runs (this VM's speed drifts).
+    raw_before = max(raw_env_sps("HalfCheetah-v4", 64, 30_000) for _ in range(3))
+    print(f"raw env.step throughput, one core: {raw_before:.0f} steps/s", flush=True)
+
+    variants = [v.split("=", 1) for v in args.variants]
+    labels = [f"{a}[{name}]" if name else a for a in args.algos for name, _ in variants]
+    pending = [(f"{a}[{name}]" if name else a, a, flags, s) for a in args.algos for name, flags in variants for s in args.seeds]
+    running, finished = [], []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            label, algo, flags, seed = pending.pop(0)
+            out = os.path.join(args.runs_dir, args.tag, label, str(seed))
+            cmd = [sys.executable, os.path.join(ROOT, ALGOS[algo][0]), *ALGOS[algo][1:], "--seed", str(seed),
+                   "--total-timesteps", str(args.total_timesteps), "--output-dir", out, *args.extra.split(), *flags.split()]
+            os.makedirs(out, exist_ok=True)
+            log = open(os.path.join(out, "stdout.log"), "w")
+            print("+ " + " ".join(cmd[1:]), flush=True)
+            running.append((label, seed, out, time.time(), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        time.sleep(2)
+        for job in list(running):
+            algo, seed, out, start, proc = job
+            if proc.poll() is not None:
+                running.remove(job)
+                if proc.returncode:
+                    sys.exit(f"error: {algo} seed {seed} failed; see {out}/stdout.log")
+                finished.append((algo, seed, out, time.time() - start))
+                print(f"done {algo} seed {seed} in {time.time() - start:.0f}s", flush=True)
+
+    raw = max(raw_before, max(raw_env_sps("HalfCheetah-v4", 64, 30_000) for _ in range(3)))
+    print(f"raw env.step throughput, one core, best before/after: {raw:.0f} steps/s", flush=True)
+    curves, rows = [], []
+    for algo, seed, out, wall in sorted(finished):
+        run_dir = max(glob.glob(os.path.join(glob.escape(out), "*", "summary.json")), key=os.path.getmtime)
+        summary = json.load(open(run_dir))
+        logged = tb_scalars(os.path.dirname(run_dir))
+        for tag in ["charts/episodic_return", "eval/episodic_return"]:
+            curves += [(algo, seed, tag, step, value) for step, value in logged.get(tag, [])]
+        train = logged.get("charts/episodic_return", [])
+        evals = logged.get("eval/episodic_return", [])
+        reach = next((step for step, value in train if value >= ANCHOR), "")
+        rows.append({"algo": algo, "seed": seed,
+                     "final_train_return": np.mean([v for _, v in train[-10:]]) if train else float("nan"),
+                     "final_eval_return": np.mean([v for _, v in evals[-3:]]) if evals else float("nan"),
+                     "steps_to_1443": reach, "SPS": summary["SPS"], "raw_env_sps": round(raw),
+                     "sps_ratio": summary["SPS"] / raw, "wall_seconds": round(wall)})
+    with open(os.path.join(args.out_dir, f"{args.tag}_curves.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["algo", "seed", "tag", "global_step", "value"])
+        writer.writerows(curves)
+    with open(os.path.join(args.out_dir, f"{args.tag}_summary.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in row.items()})
+    print("algo | final training-episode return | final eval return | SPS (ratio to raw env.step)")
+    for algo in labels:
+        mine = [r for r in rows if r["algo"] == algo]
+        tr, ev = [r["final_train_return"] for r in mine], [r["final_eval_return"] for r in mine]
+        sps = [r["SPS"] for r in mine]
+        print(f"{algo} | {np.mean(tr):.0f} +- {np.std(tr):.0f} | {np.mean(ev):.0f} +- {np.std(ev):.0f} | "
+              f"{np.mean(sps):.0f} ({np.mean(sps) / raw:.2f})")
+    plot(curves, labels, args.total_timesteps, os.path.join(args.out_dir, f"{args.tag}.png"))
+
+
+def plot(curves, algos, total, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.linspace(0, total, 51)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, tag, title in [(axes[0], "charts/episodic_return", "training episodes (CleanRL's meaning)"),
+                           (axes[1], "eval/episodic_return", "evaluation, mean action")]:
+        for algo in algos:
+            per_seed = []
+            for seed in sorted({c[1] for c in curves if c[0] == algo}):
+                pts = [(s, v) for a, sd, t, s, v in curves if a == algo and sd == seed and t == tag]
+                if len(pts) > 1:
+                    steps, values = zip(*pts)
+                    per_seed.append(np.interp(grid, steps, values, left=np.nan, right=values[-1]))
+            if per_seed:
+                mean, std = np.nanmean(per_seed, 0), np.nanstd(per_seed, 0)
+                ax.plot(grid, mean, label=f"{algo} ({len(per_seed)} seeds)")
+                ax.fill_between(grid, mean - std, mean + std, alpha=0.2)
+        ax.axhline(ANCHOR, color="gray", linestyle="--", linewidth=1, label="CleanRL PPO at 1M (1,443)")
+        ax.set_title(title)
+        ax.set_xlabel("environment steps")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("episodic return")
+    axes[0].legend()
+    fig.suptitle("HalfCheetah-v4")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
