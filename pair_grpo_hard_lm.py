@@ -1,0 +1,626 @@
+"""Hard-Pair-GRPO for language models: an explicit target over each group, fitted under a trust region.
+
+Our formulation of the method (docs/ and ../shared/spec/pair-grpo.md, section 4): a
+teacher labels every pair of a group's G completions; their net win rates define an
+explicit target distribution q over the group (E-step: the best re-weighting within
+KL(q || uniform) <= eps_q); the policy's group-restricted probabilities are fitted to q
+(M-step: KL(q || p_theta), no clipping) while a Lagrange multiplier holds the per-token
+KL(pi_old || pi_theta) near eps_pi (projected dual ascent: the dynamic step size).
+
+    python pair_grpo_hard_lm.py         # offline tiny task: random 2-layer Llama, CPU, ~1 min
+    python pair_grpo_hard_lm.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \
+        --reward-model-name-or-path Skywork/Skywork-Reward-V2-Qwen3-0.6B \
+        --dataset-name HuggingFaceH4/ultrafeedback_binarized --learning-rate 1e-6
+"""
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class LMArgs:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, CUDA is used when available"""
+    output_dir: str = "runs"
+    """TensorBoard logs and saved models go to `{output_dir}/{run_name}`"""
+    save_model: bool = False
+    """whether to save the trained policy (`save_pretrained`) into the run folder"""
+
+    # model, prompts and reward
+    model_name_or_path: str = "tiny"
+    """policy: a hub id or local path of a causal LM; `tiny` builds a random 2-layer Llama"""
+    reward_model_name_or_path: str = "rule"
+    """reward: a sequence-classification model (hub id or local path); `rule` is the tiny task's judge"""
+    dataset_name: str = "tiny"
+    """prompts: `tiny`, a hub id (Anthropic/hh-rlhf, HuggingFaceH4/ultrafeedback_binarized) or a local dir/file"""
+    train_split: Optional[str] = None
+    """training split (default: `train_prefs` if present, else `train`)"""
+    eval_split: Optional[str] = None
+    """held-out split (default: `test_prefs` or `test`; else the last prompts of the training split)"""
+    use_chat_template: bool = True
+    """wrap plain `prompt` rows in the policy's chat template when it has one"""
+    max_prompt_length: int = 256
+    """prompts longer than this many tokens keep their last tokens"""
+    max_new_tokens: int = 24
+    """completion length limit"""
+    temperature: float = 1.0
+    """sampling temperature; the ratios use the same temperature-scaled logits"""
+    reward_max_length: int = 1024
+    """the reward model sees at most this many tokens (the end is kept)"""
+
+    # algorithm
+    num_iterations: int = 40
+    """number of rollout batches (one or more optimizer steps each)"""
+    prompts_per_step: int = 8
+    """prompts per rollout batch; each gives one group"""
+    group_size: int = 8
+    """completions per prompt (G)"""
+    learning_rate: float = 3e-3
+    """AdamW learning rate (use about 1e-6 for real models)"""
+    update_epochs: int = 2
+    """passes over each rollout batch (the fit and the trust region act from the second step on)"""
+    num_minibatches: int = 1
+    """minibatches per pass; each holds whole groups and makes one optimizer step"""
+    eps_q: float = 1.0
+    """E-step: KL(q || uniform) budget of the target over each group"""
+    eps_pi: float = 0.002
+    """M-step trust region: target per-token KL(pi_old || pi_theta)"""
+    alpha_init: float = 1.0
+    """initial Lagrange multiplier of the trust region"""
+    lr_alpha: float = 20.0
+    """dual ascent step: alpha <- max(0, alpha + lr_alpha * (K_old - eps_pi)) after each optimizer step"""
+    beta: float = 0.04
+    """weight of the k3 KL penalty to the reference policy"""
+    loss_aggregation: Literal["sequence", "token"] = "sequence"
+    """`sequence`: mean over sequences of token means (DeepSeekMath); `token`: mean over all tokens"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+
+    # teacher: turns the hidden scores into labels, the only thing the learner sees
+    teacher: Literal["oracle", "stochastic", "mistake", "equal"] = "oracle"
+    """simulated teacher (B-Pref): exact, Bradley-Terry noisy, flipped labels, or ties below a margin"""
+    teacher_tau: float = 0.05
+    """`stochastic`: P(i preferred to j) = sigmoid((u_i - u_j) / tau)"""
+    teacher_flip_prob: float = 0.1
+    """`mistake`: probability that a label is flipped"""
+    teacher_tie_margin: float = 0.02
+    """`equal`: label 1/2 when |u_i - u_j| is below this margin"""
+
+    # evaluation and efficiency
+    eval_every: int = 10
+    """evaluate every this many iterations (and before the first and after the last)"""
+    num_eval_prompts: int = 64
+    """held-out prompts per evaluation"""
+    micro_batch_size: int = 64
+    """sequences per forward pass (gradients are accumulated over micro-batches)"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory in the policy's backward pass"""
+    bf16: bool = True
+    """bf16 autocast (and bf16 reference and reward models) on CUDA; CPU always runs fp32"""
+
+
+# ----------------------------------------------------------------------------- helpers
+def fail(message: str):
+    """Bad input ends the run with one line, never a library stack trace."""
+    raise SystemExit(f"error: {message}")
+
+
+def first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+def seed_everything(seed: int, deterministic: bool):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def make_writer(args, run_name: str) -> SummaryWriter:
+    writer = SummaryWriter(os.path.join(args.output_dir, run_name))
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def check_source(flag: str, value: str):
+    """A value that can only be a local path must exist; anything else may be a hub id."""
+    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(value)):
+        fail(f"{flag} {value!r}: no such file or directory")
+
+
+def validate_lm_args(args: LMArgs):
+    if args.group_size < 2:
+        fail(f"--group-size must be at least 2 (got {args.group_size}): a group of one has no comparison")
+    for flag, value in [("--prompts-per-step", args.prompts_per_step), ("--num-iterations", args.num_iterations),
+                        ("--update-epochs", args.update_epochs), ("--num-minibatches", args.num_minibatches),
+                        ("--max-new-tokens", args.max_new_tokens), ("--micro-batch-size", args.micro_batch_size),
+                        ("--num-eval-prompts", args.num_eval_prompts), ("--eval-every", args.eval_every)]:
+        if value < 1:
+            fail(f"{flag} must be at least 1 (got {value})")
+    if args.prompts_per_step % args.num_minibatches:
+        fail(f"--num-minibatches {args.num_minibatches} must divide --prompts-per-step {args.prompts_per_step} (minibatches hold whole groups)")
+    if args.temperature <= 0:
+        fail(f"--temperature must be positive (got {args.temperature})")
+    if args.update_epochs * args.num_minibatches < 2:
+        fail("--update-epochs x --num-minibatches must be at least 2: at theta_old the fit and the trust region have no gradient")
+    if args.eps_q <= 0 or args.eps_pi <= 0 or min(args.alpha_init, args.lr_alpha, args.beta) < 0:
+        fail("--eps-q and --eps-pi must be positive; --alpha-init, --lr-alpha and --beta non-negative")
+    if args.teacher_tau <= 0 or not 0 <= args.teacher_flip_prob <= 1 or args.teacher_tie_margin < 0:
+        fail("--teacher-tau must be positive, --teacher-flip-prob in [0, 1], --teacher-tie-margin non-negative")
+    if args.model_name_or_path != "tiny":
+        check_source("--model-name-or-path", args.model_name_or_path)
+    if args.reward_model_name_or_path != "rule":
+        check_source("--reward-model-name-or-path", args.reward_model_name_or_path)
+    if args.dataset_name != "tiny":
+        check_source("--dataset-name", args.dataset_name)
+
+
+# ----------------------------------------------------------------------------- prompts
+# A prompt is a record: `text` is what the policy reads (`templated` if the policy's chat
+# template made it), `messages` the same turns for a reward model with a chat template.
+def tiny_task_prompts(n: int, seed: int = 0) -> list:
+    """Offline task: short requests of random words; the rule judge rewards vowel-dense replies."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("bcdfghklmnprstvz") + rng.choice("aeiou") for _ in range(2)) for _ in range(64)]
+    texts = [f"Say something about {rng.choice(words)} {rng.choice(words)}:" for _ in range(n)]
+    return [{"text": t, "templated": False, "messages": [{"role": "user", "content": t}]} for t in texts]
+
+
+def hh_prompt(chosen: str, row: int, split: str) -> dict:
+    """HH-RLHF: the dialogue of `chosen` up to and including its last "\\n\\nAssistant:"."""
+    cut = chosen.rfind("\n\nAssistant:")
+    if cut < 0:
+        fail(f"dataset row {row} of split {split!r}: 'chosen' has no '\\n\\nAssistant:' turn")
+    text = chosen[: cut + len("\n\nAssistant:")]
+    parts = re.split(r"\n\n(Human|Assistant):", text)[1:]
+    messages = [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+                for who, said in zip(parts[::2], parts[1::2]) if said.strip()]
+    return {"text": text, "templated": False, "messages": messages}
+
+
+def load_lm_prompts(args: LMArgs, tokenizer) -> tuple:
+    if args.dataset_name == "tiny":
+        records = tiny_task_prompts(1024 + args.num_eval_prompts)
+        return records[: -args.num_eval_prompts], records[-args.num_eval_prompts:]
+    import datasets
+
+    name = os.path.expanduser(args.dataset_name)
+    try:  # a single local file goes through the matching builder, everything else by name
+        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(name)[1])
+        ds = datasets.load_dataset(builder, data_files=name) if os.path.isfile(name) and builder else datasets.load_dataset(name)
+    except Exception as exc:
+        fail(f"--dataset-name {args.dataset_name!r}: could not load ({first_line(exc)})")
+    train_split = args.train_split or next((s for s in ("train_prefs", "train") if s in ds), None)
+    eval_split = args.eval_split or next((s for s in ("test_prefs", "test") if s in ds), None)
+    for flag, split in [("--train-split", train_split), ("--eval-split", eval_split)]:
+        if split is not None and split not in ds:
+            fail(f"{flag} {split!r} is not a split of {args.dataset_name!r} (splits: {list(ds)})")
+    if train_split is None:
+        fail(f"--dataset-name {args.dataset_name!r} has no training split; pass --train-split (splits: {list(ds)})")
+
+    def records(split):
+        columns = ds[split].column_names
+        if "prompt" in columns:  # UltraFeedback schema: a plain prompt, chat-templated for the policy
+            out = []
+            for row, prompt in enumerate(ds[split]["prompt"]):
+                if not isinstance(prompt, str) or not prompt.strip():
+                    fail(f"dataset row {row} of split {split!r}: 'prompt' is not a non-empty string")
+                messages = [{"role": "user", "content": prompt}]
+                chat = args.use_chat_template and getattr(tokenizer, "chat_template", None)
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) if chat else prompt
+                out.append({"text": text, "templated": bool(chat), "messages": messages})
+            return out
+        if "chosen" in columns:  # HH-RLHF schema: the prompt is inside the chosen dialogue
+            return [hh_prompt(chosen, row, split) for row, chosen in enumerate(ds[split]["chosen"])]
+        fail(f"split {split!r} of {args.dataset_name!r} has columns {columns}; expected 'prompt' (UltraFeedback) or 'chosen' (HH-RLHF)")
+
+    train = records(train_split)
+    if eval_split is None:  # hold out the end of the training split
+        train, held_out = train[: -args.num_eval_prompts], train[-args.num_eval_prompts:]
+    else:
+        held_out = records(eval_split)[: args.num_eval_prompts]
+    if not train or not held_out:
+        fail(f"--dataset-name {args.dataset_name!r}: too few rows for training and {args.num_eval_prompts} eval prompts")
+    return train, held_out
+
+
+def encode_prompts(tokenizer, records: list, max_length: int, eos_ids: set) -> list:
+    ids = []
+    for record in records:
+        tokens = tokenizer(record["text"], add_special_tokens=not record["templated"])["input_ids"]
+        while tokens and tokens[-1] in eos_ids:  # some tokenizers (ByT5) append EOS: a prompt must not end
+            tokens = tokens[:-1]
+        ids.append(tokens[-max_length:])
+    return ids
+
+
+# ----------------------------------------------------------------------------- models
+def load_lm_policy(args: LMArgs, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, GenerationConfig, LlamaConfig
+
+    if args.model_name_or_path == "tiny":
+        tokenizer = ByT5Tokenizer()
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+        policy = AutoModelForCausalLM.from_config(config)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+            policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
+        except Exception as exc:
+            fail(f"--model-name-or-path {args.model_name_or_path!r}: could not load a causal LM ({first_line(exc)})")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos = policy.generation_config.eos_token_id or tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    # Pure temperature sampling: a fresh config, so no hub default (top-k, top-p,
+    # repetition penalty) distorts the distribution the ratios are computed under.
+    policy.generation_config = GenerationConfig(
+        do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
+        eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
+    # Dropout would make pi_theta differ from pi_old at theta_old: switch it off.
+    for module in policy.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if args.gradient_checkpointing:
+        policy.activation_checkpointing_enable()
+    policy.to(device)
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
+    reference = copy.deepcopy(policy).to(frozen_dtype).eval().requires_grad_(False)
+    return policy, reference, tokenizer, eos_ids
+
+
+def vowel_density(text: str) -> float:
+    return sum(ch in "aeiouAEIOU" for ch in text) / max(len(text), 1)
+
+
+def load_lm_judge(args: LMArgs, device: torch.device):
+    """Returns judge(records, completions) -> scores: the rule judge or a reward model."""
+    if args.reward_model_name_or_path == "rule":
+        return lambda records, completions: torch.tensor([vowel_density(c) for c in completions])
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = args.reward_model_name_or_path
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        fail(f"--reward-model-name-or-path {path!r}: could not load a model config ({first_line(exc)})")
+    architectures = config.architectures or [config.model_type]
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        fail(f"--reward-model-name-or-path {path!r} is {architectures}, not a sequence classifier (*ForSequenceClassification)")
+    if config.num_labels != 1:
+        fail(f"--reward-model-name-or-path {path!r} has {config.num_labels} labels; a reward model has 1")
+    dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
+    try:
+        rm_tokenizer = AutoTokenizer.from_pretrained(path)
+        reward_model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+    except Exception as exc:
+        fail(f"--reward-model-name-or-path {path!r}: could not load ({first_line(exc)})")
+    if rm_tokenizer.pad_token_id is None:
+        rm_tokenizer.pad_token = rm_tokenizer.eos_token
+    reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
+    rm_tokenizer.truncation_side = "left"  # keep the completion when a dialogue is too long
+
+    @torch.no_grad()
+    def judge(records, completions):
+        templated = bool(getattr(rm_tokenizer, "chat_template", None))
+        if templated:
+            texts = [rm_tokenizer.apply_chat_template(r["messages"] + [{"role": "assistant", "content": c}], tokenize=False)
+                     for r, c in zip(records, completions)]
+        else:
+            texts = [r["text"] + c for r, c in zip(records, completions)]
+        scores = []
+        for i in range(0, len(texts), args.micro_batch_size):
+            batch = rm_tokenizer(texts[i: i + args.micro_batch_size], return_tensors="pt", padding=True, truncation=True,
+                                 max_length=args.reward_max_length, add_special_tokens=not templated).to(device)
+            scores.append(reward_model(**batch).logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+    return judge
+
+
+# ----------------------------------------------------------------------------- rollout
+def left_pad(sequences: list, pad_id: int) -> tuple:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[row, width - len(s):] = 1
+    return ids, mask
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: set) -> torch.Tensor:
+    """1 up to and including the first EOS, 0 after it (and on the padding generate adds)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(sorted(eos_ids), device=completion_ids.device))
+    eos_before = is_eos.long().cumsum(1) - is_eos.long()
+    return (eos_before == 0).float()
+
+
+def token_logprobs(model, input_ids, attention_mask, num_new: int, temperature: float) -> torch.Tensor:
+    """Log-probs of the last `num_new` tokens under temperature-scaled logits, as sampled."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   logits_to_keep=num_new + 1, use_cache=False).logits[:, :-1].float() / temperature
+    targets = input_ids[:, -num_new:]
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+@torch.no_grad()
+def batched_logprobs(model, batch: dict, args, autocast) -> torch.Tensor:
+    out = []
+    for i in range(0, len(batch["input_ids"]), args.micro_batch_size):
+        with autocast:
+            out.append(token_logprobs(model, batch["input_ids"][i: i + args.micro_batch_size],
+                                      batch["attention_mask"][i: i + args.micro_batch_size],
+                                      batch["mask"].shape[1], args.temperature))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompt_ids: list, repeats: int, eos_ids: set, autocast, device) -> dict:
+    """One batched generate for all prompts x repeats (KV cache on)."""
+    ids, mask = left_pad([p for p in prompt_ids for _ in range(repeats)], tokenizer.pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    was_training = model.training
+    model.eval()
+    with autocast:
+        sequences = model.generate(input_ids=ids, attention_mask=mask, use_cache=True)
+    model.train(was_training)
+    completion = sequences[:, ids.shape[1]:]
+    cmask = completion_mask(completion, eos_ids)
+    texts = tokenizer.batch_decode(completion.masked_fill(cmask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+    return {"input_ids": sequences, "attention_mask": torch.cat([mask, torch.ones_like(completion)], 1),
+            "mask": cmask, "texts": texts}
+
+
+# ----------------------------------------------------------------------------- teacher
+def teacher_labels(scores: torch.Tensor, kind: str, tau: float = 0.05, flip_prob: float = 0.1,
+                   tie_margin: float = 0.02, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Hidden scores [groups, G] -> labels z [groups, G, G], z_ij = 1 when y_i is preferred.
+
+    One query per pair i < j; z_ji = 1 - z_ij and z_ii = 1/2, so labels are antisymmetric.
+    """
+    diff = scores[:, :, None] - scores[:, None, :]
+    oracle = (diff > 0).float() + 0.5 * (diff == 0).float()
+    if kind == "oracle":
+        labels = oracle
+    elif kind == "stochastic":  # Bradley-Terry: a noisy teacher that still prefers the better one
+        labels = torch.bernoulli(torch.sigmoid(diff / tau), generator=generator)
+    elif kind == "mistake":
+        labels = torch.where(torch.rand(diff.shape, generator=generator) < flip_prob, 1 - oracle, oracle)
+    elif kind == "equal":  # cannot tell close ones apart
+        labels = torch.where(diff.abs() < tie_margin, torch.full_like(oracle, 0.5), oracle)
+    else:
+        fail(f"unknown teacher {kind!r}")
+    upper = torch.ones(diff.shape[1:], dtype=torch.bool).triu(diagonal=1)
+    labels = torch.where(upper, labels, 1 - labels.transpose(1, 2))
+    labels.diagonal(dim1=1, dim2=2).fill_(0.5)
+    return labels
+
+
+def label_agreement(labels: torch.Tensor, scores: torch.Tensor) -> float:
+    """Fraction of the queried pairs (i < j) whose label equals the oracle's."""
+    upper = torch.ones(labels.shape[1:], dtype=torch.bool).triu(diagonal=1)
+    return (labels == teacher_labels(scores, "oracle"))[:, upper].float().mean().item()
+
+
+# ----------------------------------------------------------------------------- advantages
+def net_win_rate(labels: torch.Tensor, scale_by_std: bool = False) -> torch.Tensor:
+    """labels [groups, G, G] -> A_i = (1/(G-1)) sum_{j != i} (2 z_ij - 1), in [-1, 1], summing to 0."""
+    advantages = (2 * labels - 1).sum(dim=2) / (labels.shape[1] - 1)  # z_ii = 1/2 adds nothing
+    return advantages / (advantages.std(dim=1, keepdim=True) + 1e-4) if scale_by_std else advantages
+
+
+# ----------------------------------------------------------------------------- E-step: explicit target
+def target_distribution(advantages: torch.Tensor, eps_q: float, steps: int = 40) -> tuple:
+    """q = softmax(A / eta) per group, eta the smallest temperature with KL(q || uniform) <= eps_q.
+
+    q maximises sum_i q_i A_i within that KL ball: the best re-weighting of the group that
+    stays eps_q-close to the sampling policy. Bisection in log eta, all groups at once.
+    A group whose advantages are all equal carries no signal: q = uniform, eta = inf.
+    """
+    A, G = advantages.double(), advantages.shape[1]
+    lo, hi = torch.full(A.shape[:1], -12.0, dtype=torch.float64), torch.full(A.shape[:1], 12.0, dtype=torch.float64)
+    for _ in range(steps):  # KL(q || u) falls as eta grows
+        mid = (lo + hi) / 2
+        log_q = torch.log_softmax(A / mid.exp()[:, None], dim=1)
+        too_sharp = (log_q.exp() * (log_q + math.log(G))).sum(1) > eps_q
+        lo, hi = torch.where(too_sharp, mid, lo), torch.where(too_sharp, hi, mid)
+    flat = (A.max(1).values - A.min(1).values) == 0
+    q = torch.where(flat[:, None], torch.full_like(A, 1.0 / G), torch.softmax(A / hi.exp()[:, None], dim=1))
+    return q.float(), torch.where(flat, torch.full_like(hi, math.inf), hi.exp()).float()
+
+
+# ----------------------------------------------------------------------------- M-step: constrained KL-fit
+def sequence_log_ratios(logp, old_logp, mask) -> torch.Tensor:
+    """l_i = (1/T_i) sum_t (log pi_theta - log pi_old): the length-normalised sequence log-ratio."""
+    return ((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def kl_to_target(q: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Per group KL(q || p_theta), p_theta = softmax(l): zero once the group matches its target."""
+    return (torch.xlogy(q, q) - q * torch.log_softmax(l, dim=1)).sum(1)
+
+
+def dual_ascent(alpha: float, k_old: float, eps_pi: float, lr_alpha: float) -> float:
+    """Projected dual ascent: tighten when the policy moved more than eps_pi, loosen when less."""
+    return max(0.0, alpha + lr_alpha * (k_old - eps_pi))
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def k3_kl(logp, ref_logp) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Per-token weights whose weighted sum is the minibatch's aggregate; micro-batches then sum exactly."""
+    if aggregation == "sequence":  # mean over sequences of each sequence's token mean
+        return mask / mask.sum(1, keepdim=True).clamp(min=1) / mask.shape[0]
+    return mask / mask.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- training loop
+def train_lm(args: LMArgs) -> dict:
+    validate_lm_args(args)
+    run_name = f"{os.path.basename(args.dataset_name.rstrip('/'))}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.bf16
+                else contextlib.nullcontext())
+
+    policy, reference, tokenizer, eos_ids = load_lm_policy(args, device)
+    judge = load_lm_judge(args, device)
+    train_records, eval_records = load_lm_prompts(args, tokenizer)
+    train_ids = encode_prompts(tokenizer, train_records, args.max_prompt_length, eos_ids)
+    eval_ids = encode_prompts(tokenizer, eval_records, args.max_prompt_length, eos_ids)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
+    teacher_rng = torch.Generator().manual_seed(args.seed)  # the teacher's noise, apart from sampling
+    writer = make_writer(args, run_name)
+    print(f"{run_name}: {len(train_records)} train / {len(eval_records)} eval prompts on {device}")
+
+    def evaluate(iteration: int) -> dict:
+        """Policy vs reference on held-out prompts, judged by the same reward source."""
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed + 7919 * (iteration + 1))  # eval never moves the training RNG
+            ours = sample_completions(policy, tokenizer, eval_ids, 1, eos_ids, autocast, device)
+            theirs = sample_completions(reference, tokenizer, eval_ids, 1, eos_ids, autocast, device)
+        s_ours, s_ref = judge(eval_records, ours["texts"]), judge(eval_records, theirs["texts"])
+        log_ratio = batched_logprobs(policy, ours, args, autocast) - batched_logprobs(reference, ours, args, autocast)
+        return {"eval/win_rate": ((s_ours > s_ref).float() + 0.5 * (s_ours == s_ref).float()).mean().item(),
+                "eval/score": s_ours.mean().item(), "eval/reference_score": s_ref.mean().item(),
+                "eval/kl_to_reference": (log_ratio * ours["mask"]).sum(1).mean().item(),
+                "eval/completion_length": ours["mask"].sum(1).mean().item()}
+
+    G, batch_groups = args.group_size, args.prompts_per_step
+    order, cursor, global_step, queries, alpha, start = [], 0, 0, 0, args.alpha_init, time.time()
+    metrics = evaluate(0)
+    for key, value in metrics.items():
+        writer.add_scalar(key, value, global_step)
+    print(f"before training | eval win {metrics['eval/win_rate']:.3f} | eval score {metrics['eval/score']:.3f}", flush=True)
+    for iteration in range(1, args.num_iterations + 1):
+        # ---- rollout: prompts x G completions, scores, old and reference log-probs
+        batch_prompts = []
+        while len(batch_prompts) < batch_groups:
+            if cursor == len(order):
+                order, cursor = np.random.permutation(len(train_ids)).tolist(), 0
+            batch_prompts.append(order[cursor])
+            cursor += 1
+        batch = sample_completions(policy, tokenizer, [train_ids[i] for i in batch_prompts], G, eos_ids, autocast, device)
+        rewards = judge([train_records[i] for i in batch_prompts for _ in range(G)], batch["texts"])  # hidden
+        mask = batch["mask"]
+        old_logp = batched_logprobs(policy, batch, args, autocast)
+        ref_logp = batched_logprobs(reference, batch, args, autocast) if args.beta > 0 else None
+        global_step += len(batch["texts"])
+
+        # ---- teacher: labels for all G(G-1)/2 pairs of each group; the learner sees only these
+        labels = teacher_labels(rewards.view(batch_groups, G), args.teacher, args.teacher_tau,
+                                args.teacher_flip_prob, args.teacher_tie_margin, teacher_rng)
+        queries += batch_groups * G * (G - 1) // 2
+
+        # ---- advantages: net win rate within each group; E-step: the target it defines
+        advantages = net_win_rate(labels)
+        q, eta = target_distribution(advantages, args.eps_q)
+        q = q.to(device)
+
+        # ---- M-step: KL(q || p_theta) + alpha * K_old + beta * K_ref, over minibatches of whole groups
+        stats = {"fit": 0.0, "k_old": 0.0, "kl": 0.0, "entropy": 0.0}
+        num_updates = 0
+        for epoch in range(args.update_epochs):
+            for groups in np.array_split(np.random.permutation(batch_groups), args.num_minibatches):
+                rows = torch.from_numpy((groups[:, None] * G + np.arange(G)).reshape(-1)).to(device)
+                weights = loss_weights(mask[rows], args.loss_aggregation)
+                optimizer.zero_grad()
+                k_old_step = 0.0
+                # micro-batches of whole groups: p_theta is a softmax over the group
+                for micro in torch.split(torch.arange(len(rows), device=device), G * max(1, args.micro_batch_size // G)):
+                    idx = rows[micro]
+                    with autocast:
+                        logp = token_logprobs(policy, batch["input_ids"][idx], batch["attention_mask"][idx],
+                                              mask.shape[1], args.temperature)
+                    ratios = sequence_log_ratios(logp, old_logp[idx], mask[idx]).view(-1, G)
+                    fit = kl_to_target(q.view(-1)[idx].view(-1, G), ratios).sum() / len(groups)
+                    w = weights[micro]
+                    k_old = (w * k3_kl(old_logp[idx], logp)).sum()
+                    kl = (w * k3_kl(logp, ref_logp[idx])).sum() if args.beta > 0 else torch.zeros(())
+                    loss = fit + alpha * k_old + args.beta * kl  # alpha is held constant inside the loss
+                    loss.backward()
+                    k_old_step += k_old.item()
+                    stats["fit"] += fit.item()
+                    stats["k_old"] += k_old.item()
+                    stats["kl"] += kl.item()
+                    stats["entropy"] += -(w * logp.detach()).sum().item()  # sampled-token estimate
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                alpha = dual_ascent(alpha, k_old_step, args.eps_pi, args.lr_alpha)
+                num_updates += 1
+
+        # ---- logging
+        elapsed = time.time() - start
+        metrics = {"charts/score": rewards.mean().item(), "charts/score_std": rewards.std().item(),
+                   "charts/completion_length": mask.sum(1).mean().item(),
+                   "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                   "charts/SPS": global_step / elapsed, "charts/preference_queries": queries,
+                   "charts/label_agreement": label_agreement(labels, rewards.view(batch_groups, G)),
+                   "charts/alpha": alpha, "charts/eta": eta[eta.isfinite()].mean().item() if eta.isfinite().any() else 0.0,
+                   "charts/kl_q_uniform": (torch.xlogy(q, q).sum(1) + math.log(G)).mean().item(),
+                   "charts/chi2_q_uniform": (G * (q**2).sum(1) - 1).mean().item()}
+        metrics.update({f"losses/{k}": v / num_updates for k, v in stats.items()})
+        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+            metrics.update(evaluate(iteration))
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, global_step)
+        eval_note = f" | eval win {metrics['eval/win_rate']:.3f}" if "eval/win_rate" in metrics else ""
+        print(f"iter {iteration}/{args.num_iterations} | step {global_step} | score {metrics['charts/score']:.3f} | "
+              f"len {metrics['charts/completion_length']:.1f} | kl {metrics['losses/kl']:.4f} | K_old {metrics['losses/k_old']:.4f} | "
+              f"alpha {alpha:.2f}{eval_note} | "
+              f"{metrics['charts/SPS']:.1f} completions/s | ETA {format_eta(elapsed / iteration * (args.num_iterations - iteration))}",
+              flush=True)
+
+    run_dir = os.path.join(args.output_dir, run_name)
+    if args.save_model:
+        policy.save_pretrained(os.path.join(run_dir, "model"))
+        tokenizer.save_pretrained(os.path.join(run_dir, "model"))
+    summary = {"run_name": run_name, "iterations": args.num_iterations, "global_step": global_step,
+               "seconds": round(time.time() - start, 1), **{k: v for k, v in metrics.items() if k.startswith("eval/")}}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    writer.close()
+    print("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+          + (f" model={os.path.join(run_dir, 'model')}" if args.save_model else ""))
+    return summary
+
+
+if __name__ == "__main__":
+    train_lm(tyro.cli(LMArgs))
