@@ -67,6 +67,7 @@ def main():
     parser.add_argument("--variants", nargs="+", default=["="], help="name=flags: each algo runs once per variant")
     parser.add_argument("--tag", default="halfcheetah", help="prefix of the output files")
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "benchmarks"))
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs already in --runs-dir, run only the rest")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs", "results"))
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
@@ -80,6 +81,13 @@ def main():
     labels = [f"{a}[{name}]" if name else a for a in args.algos for name, _ in variants]
     pending = [(f"{a}[{name}]" if name else a, a, flags, s) for a in args.algos for name, flags in variants for s in args.seeds]
     running, finished = [], []
+    if args.reuse:  # a run counts as finished once it wrote its wall-clock time
+        for job in list(pending):
+            out = os.path.join(args.runs_dir, args.tag, job[0], str(job[3]))
+            if os.path.exists(os.path.join(out, "wall_seconds.txt")):
+                pending.remove(job)
+                finished.append((job[0], job[3], out, float(open(os.path.join(out, "wall_seconds.txt")).read())))
+                print(f"reusing {job[0]} seed {job[3]}", flush=True)
     while pending or running:
         while pending and len(running) < args.jobs:
             label, algo, flags, seed = pending.pop(0)
@@ -98,6 +106,8 @@ def main():
                 if proc.returncode:
                     sys.exit(f"error: {algo} seed {seed} failed; see {out}/stdout.log")
                 finished.append((algo, seed, out, time.time() - start))
+                with open(os.path.join(out, "wall_seconds.txt"), "w") as f:
+                    f.write(f"{time.time() - start:.0f}\n")
                 print(f"done {algo} seed {seed} in {time.time() - start:.0f}s", flush=True)
 
     raw = max(raw_before, max(raw_env_sps("HalfCheetah-v4", 64, 30_000) for _ in range(3)))

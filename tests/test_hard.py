@@ -129,3 +129,32 @@ def test_tiny_task_win_rate_rises_and_the_trust_region_holds(tmp_path, seed):
 def test_hard_needs_several_steps_per_batch(tmp_path):
     with pytest.raises(SystemExit, match="at least 2"):
         hard.train_lm(hard.LMArgs(update_epochs=1, num_minibatches=1, output_dir=str(tmp_path)))
+
+
+def test_gaussian_kl_is_exact():
+    import pair_grpo_hard_mujoco as hard_mj
+
+    old = torch.distributions.Normal(torch.tensor([[0.3, -1.0]]), torch.tensor([[0.5, 2.0]]))
+    new = torch.distributions.Normal(torch.tensor([[0.1, 0.0]]), torch.tensor([[1.0, 1.5]]))
+    expected = torch.distributions.kl_divergence(old, new).sum(-1)
+    torch.testing.assert_close(hard_mj.gaussian_kl(old.mean, old.stddev, new.mean, new.stddev), expected)
+
+
+@pytest.mark.parametrize("teacher", ["oracle", "mistake"])
+def test_mujoco_smoke_run_logs_the_hard_quantities(tmp_path, teacher):
+    import pair_grpo_hard_mujoco as hard_mj
+
+    args = hard_mj.MujocoArgs(output_dir=str(tmp_path), num_trunks=2, group_size=4, segment_length=16, num_minibatches=2,
+                              update_epochs=2, total_timesteps=1024, eval_every=100, num_eval_episodes=1, teacher=teacher)
+    summary = hard_mj.train_mujoco(args)
+    logged = scalars(os.path.join(str(tmp_path), summary["run_name"]))
+    assert summary["global_step"] == 1024
+    for tag in ["losses/fit", "losses/k_old", "charts/alpha", "charts/eta", "charts/kl_q_uniform", "charts/chi2_q_uniform"]:
+        assert tag in logged, tag
+    kl_q = [v for _, v in logged["charts/kl_q_uniform"]]
+    if teacher == "oracle":  # distinct returns: every group has signal and sits on the budget
+        assert all(abs(v - args.eps_q) < 1e-5 for v in kl_q), kl_q
+    else:  # flipped labels can cancel a group's net win rates: that group's target is uniform (KL 0)
+        assert all(-1e-6 <= v <= args.eps_q + 1e-5 for v in kl_q), kl_q
+    with pytest.raises(SystemExit, match="at least 2"):
+        hard_mj.train_mujoco(hard_mj.MujocoArgs(update_epochs=1, num_minibatches=1, output_dir=str(tmp_path)))

@@ -1,0 +1,522 @@
+"""Hard-Pair-GRPO for MuJoCo: an explicit target over each group of branches, fitted under a trust region.
+
+Our formulation of the method (docs/ and ../shared/spec/pair-grpo.md, sections 4 and 6):
+restore each trunk's simulator state into G branches and run each H steps; a teacher
+labels every pair of branches; their net win rates define an explicit target q over the
+group (E-step: the best re-weighting within KL(q || uniform) <= eps_q); the policy's
+group-restricted probabilities of the segments are fitted to q (M-step: KL(q || p_theta),
+no clipping) while a Lagrange multiplier holds the per-step KL(pi_old || pi_theta),
+exact for diagonal Gaussians, near eps_pi (projected dual ascent). No critic.
+
+    python pair_grpo_hard_mujoco.py                        # HalfCheetah-v4, 1M steps
+    python pair_grpo_hard_mujoco.py --teacher mistake --teacher-flip-prob 0.1
+"""
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class MujocoArgs:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = False
+    """use CUDA when available (a 64-unit MLP on a few dozen states runs faster on the CPU)"""
+    torch_threads: int = 1
+    """torch threads; one is fastest for these small batches"""
+    output_dir: str = "runs"
+    """TensorBoard logs and saved models go to `{output_dir}/{run_name}`"""
+    save_model: bool = False
+    """whether to save the policy and observation statistics into the run folder"""
+    capture_video: bool = False
+    """record the final evaluation's first episode to `videos/{run_name}` (needs a MuJoCo renderer)"""
+
+    # environment and branched rollouts
+    env_id: str = "HalfCheetah-v4"
+    """the id of a gymnasium MuJoCo environment (any with `set_state`)"""
+    total_timesteps: int = 1_000_000
+    """total simulated environment steps, every branch step counted"""
+    num_trunks: int = 8
+    """N: trunk environments, each the root of one group per iteration"""
+    group_size: int = 8
+    """G: branches restored from each trunk's state"""
+    segment_length: int = 16
+    """H: steps each branch runs (the episode length gives whole-episode groups)"""
+
+    # algorithm
+    learning_rate: float = 3e-4
+    """Adam learning rate"""
+    anneal_lr: bool = True
+    """linearly anneal the learning rate to 0"""
+    update_epochs: int = 5
+    """passes over each rollout batch"""
+    num_minibatches: int = 8
+    """minibatches per pass; each holds whole groups and makes one optimizer step"""
+    eps_q: float = 0.3
+    """E-step: KL(q || uniform) budget of the target over each group"""
+    eps_pi: float = 0.02
+    """M-step trust region: target per-step KL(pi_old || pi_theta)"""
+    alpha_init: float = 1.0
+    """initial Lagrange multiplier of the trust region"""
+    lr_alpha: float = 1.0
+    """dual ascent step: alpha <- max(0, alpha + lr_alpha * (K_old - eps_pi)) after each optimizer step"""
+    beta: float = 0.0
+    """weight of the k3 KL penalty to the initial policy (none by default)"""
+    loss_aggregation: Literal["sequence", "token"] = "sequence"
+    """`sequence`: mean over segments of step means; `token`: mean over all steps"""
+    max_grad_norm: float = 0.5
+    """gradient clipping norm"""
+
+    # teacher: turns the hidden segment returns into labels, the only thing the learner sees
+    teacher: Literal["oracle", "stochastic", "mistake", "equal", "myopic"] = "oracle"
+    """simulated teacher (B-Pref): exact, Bradley-Terry noisy, flipped, ties below a margin, or recent-weighted"""
+    teacher_tau: float = 1.0
+    """`stochastic`: P(i preferred to j) = sigmoid((u_i - u_j) / tau)"""
+    teacher_flip_prob: float = 0.1
+    """`mistake`: probability that a label is flipped"""
+    teacher_tie_margin: float = 0.5
+    """`equal`: label 1/2 when |u_i - u_j| is below this margin"""
+    teacher_gamma: float = 0.9
+    """`myopic`: the teacher scores sum_t gamma^(L-1-t) r_t, weighting the segment's end most"""
+
+    # evaluation
+    eval_every: int = 25
+    """evaluate (and print a progress line) every this many iterations, and after the last"""
+    num_eval_episodes: int = 3
+    """full episodes from fresh resets with the mean action, per evaluation"""
+
+
+# ----------------------------------------------------------------------------- helpers
+def fail(message: str):
+    """Bad input ends the run with one line, never a library stack trace."""
+    raise SystemExit(f"error: {message}")
+
+
+def first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+def seed_everything(seed: int, deterministic: bool):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def make_writer(args, run_name: str) -> SummaryWriter:
+    writer = SummaryWriter(os.path.join(args.output_dir, run_name))
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ----------------------------------------------------------------------------- policy
+class RunningMeanStd:
+    """Observation statistics shared by all branches, frozen within an iteration."""
+
+    def __init__(self, shape):
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
+
+    def update(self, x: np.ndarray):
+        batch_mean, batch_var, n = x.mean(0), x.var(0), len(x)
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean = self.mean + delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        return np.clip((x - self.mean) / np.sqrt(self.var + 1e-8), -10.0, 10.0).astype(np.float32)
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class GaussianPolicy(torch.nn.Module):
+    """Diagonal Gaussian with a state-independent log-std (CleanRL's continuous PPO actor)."""
+
+    def __init__(self, obs_dim: int, act_dim: int):
+        super().__init__()
+        self.mean = torch.nn.Sequential(
+            layer_init(torch.nn.Linear(obs_dim, 64)), torch.nn.Tanh(),
+            layer_init(torch.nn.Linear(64, 64)), torch.nn.Tanh(),
+            layer_init(torch.nn.Linear(64, act_dim), std=0.01))
+        self.log_std = torch.nn.Parameter(torch.zeros(act_dim))
+
+    def forward(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        mean = self.mean(obs)
+        return torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean))
+
+
+# ----------------------------------------------------------------------------- branched rollouts
+def make_mujoco_env(env_id: str, **kwargs):
+    import gymnasium as gym
+    import mujoco
+
+    # MuJoCo 4 warns at every compile that the v4 XMLs use `settotalmass`: with N*G
+    # branches that is dozens of identical lines. Every other MuJoCo warning still prints.
+    mujoco.set_mju_user_warning(lambda msg: None if "settotalmass" in msg else print(f"MuJoCo warning: {msg}", file=sys.stderr))
+    try:
+        env = gym.make(env_id, **kwargs)
+    except Exception as exc:
+        fail(f"--env-id {env_id!r}: could not make the environment ({first_line(exc)})")
+    if not hasattr(env.unwrapped, "set_state") or not hasattr(env.unwrapped, "data"):
+        fail(f"--env-id {env_id!r} is not a MuJoCo environment with set_state: branches cannot be restored")
+    return env
+
+
+def snapshot(env) -> np.ndarray:
+    """MuJoCo's integration state: qpos and qvel, and also activations and the solver's warm
+    start, without which restored branches drift apart by ~1e-15 per contact-rich step."""
+    import mujoco
+
+    model, data = env.unwrapped.model, env.unwrapped.data
+    state = np.empty(mujoco.mj_stateSize(model, mujoco.mjtState.mjSTATE_INTEGRATION))
+    mujoco.mj_getState(model, data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
+    return state
+
+
+def restore(env, state: np.ndarray):
+    import mujoco
+
+    model, data = env.unwrapped.model, env.unwrapped.data
+    mujoco.mj_setState(model, data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
+    mujoco.mj_forward(model, data)
+
+
+@torch.no_grad()
+def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_rms, args, device) -> dict:
+    """Restore each trunk's state into its G branches and step all N*G of them H steps.
+
+    A branch stops at termination or at its trunk's time limit; later steps are masked.
+    """
+    G, H = args.group_size, args.segment_length
+    B = len(branches)
+    for i, env in enumerate(branches):
+        restore(env, trunk_states[i // G])
+    obs = np.repeat(trunk_obs, G, axis=0)
+    limit = np.repeat(np.minimum(steps_left, H), G)
+    raw_obs = np.zeros((B, H, obs.shape[1]))
+    actions = np.zeros((B, H, branches[0].action_space.shape[0]), dtype=np.float32)
+    logp, rewards, mask = np.zeros((B, H), np.float32), np.zeros((B, H)), np.zeros((B, H), np.float32)
+    terminated = np.zeros(B, dtype=bool)
+    low, high = branches[0].action_space.low, branches[0].action_space.high
+    for t in range(H):
+        active = ~terminated & (t < limit)
+        if not active.any():
+            break
+        dist = policy(torch.as_tensor(obs_rms.normalize(obs), device=device))
+        action = dist.sample()  # log-probs of the unclipped sample; clipping lives in the env
+        mask[:, t] = active
+        raw_obs[active, t], actions[active, t] = obs[active], action.cpu().numpy()[active]
+        logp[active, t] = dist.log_prob(action).sum(-1).cpu().numpy()[active]
+        for i in np.flatnonzero(active):
+            obs[i], rewards[i, t], terminated[i], _, _ = branches[i].step(np.clip(actions[i, t], low, high))
+    return {"raw_obs": raw_obs, "actions": actions, "logp": logp, "mask": mask, "rewards": rewards, "scores": rewards.sum(1),
+            "end_obs": obs, "terminated": terminated, "lengths": mask.sum(1).astype(int)}
+
+
+@torch.no_grad()
+def evaluate_mujoco(policy, obs_rms, args, num_episodes: int, seed: int, device, video_folder=None) -> list:
+    """Full episodes from fresh resets, acting with the mean action."""
+    envs = [make_mujoco_env(args.env_id, render_mode="rgb_array" if video_folder and i == 0 else None)
+            for i in range(num_episodes)]
+    if video_folder:
+        import gymnasium as gym
+
+        try:
+            envs[0] = gym.wrappers.RecordVideo(envs[0], video_folder, episode_trigger=lambda _: True)
+        except Exception as exc:
+            fail(f"--capture-video: cannot record ({first_line(exc)})")
+    obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
+    returns, done = np.zeros(num_episodes), np.zeros(num_episodes, dtype=bool)
+    while not done.all():
+        mean_action = policy(torch.as_tensor(obs_rms.normalize(obs), device=device)).mean.cpu().numpy()
+        for i in np.flatnonzero(~done):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(np.clip(mean_action[i], envs[i].action_space.low, envs[i].action_space.high))
+            returns[i] += reward
+            done[i] = terminated or truncated
+    for env in envs:
+        env.close()
+    return returns.tolist()
+
+
+# ----------------------------------------------------------------------------- teacher
+def teacher_labels(scores: torch.Tensor, kind: str, tau: float = 0.05, flip_prob: float = 0.1,
+                   tie_margin: float = 0.02, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Hidden scores [groups, G] -> labels z [groups, G, G], z_ij = 1 when y_i is preferred.
+
+    One query per pair i < j; z_ji = 1 - z_ij and z_ii = 1/2, so labels are antisymmetric.
+    """
+    diff = scores[:, :, None] - scores[:, None, :]
+    oracle = (diff > 0).float() + 0.5 * (diff == 0).float()
+    if kind == "oracle":
+        labels = oracle
+    elif kind == "stochastic":  # Bradley-Terry: a noisy teacher that still prefers the better one
+        labels = torch.bernoulli(torch.sigmoid(diff / tau), generator=generator)
+    elif kind == "mistake":
+        labels = torch.where(torch.rand(diff.shape, generator=generator) < flip_prob, 1 - oracle, oracle)
+    elif kind == "equal":  # cannot tell close ones apart
+        labels = torch.where(diff.abs() < tie_margin, torch.full_like(oracle, 0.5), oracle)
+    else:
+        fail(f"unknown teacher {kind!r}")
+    upper = torch.ones(diff.shape[1:], dtype=torch.bool).triu(diagonal=1)
+    labels = torch.where(upper, labels, 1 - labels.transpose(1, 2))
+    labels.diagonal(dim1=1, dim2=2).fill_(0.5)
+    return labels
+
+
+def label_agreement(labels: torch.Tensor, scores: torch.Tensor) -> float:
+    """Fraction of the queried pairs (i < j) whose label equals the oracle's."""
+    upper = torch.ones(labels.shape[1:], dtype=torch.bool).triu(diagonal=1)
+    return (labels == teacher_labels(scores, "oracle"))[:, upper].float().mean().item()
+
+
+def myopic_scores(rewards: torch.Tensor, lengths: torch.Tensor, gamma: float) -> torch.Tensor:
+    """B-Pref's myopic teacher: step t of a length-L segment weighs gamma^(L-1-t)."""
+    steps = torch.arange(rewards.shape[1], device=rewards.device)
+    age = lengths[:, None] - 1 - steps
+    return (rewards * torch.where(age >= 0, gamma ** age.clamp(min=0).double(), 0.0)).sum(1)
+
+
+# ----------------------------------------------------------------------------- advantages
+def net_win_rate(labels: torch.Tensor, scale_by_std: bool = False) -> torch.Tensor:
+    """labels [groups, G, G] -> A_i = (1/(G-1)) sum_{j != i} (2 z_ij - 1), in [-1, 1], summing to 0."""
+    advantages = (2 * labels - 1).sum(dim=2) / (labels.shape[1] - 1)  # z_ii = 1/2 adds nothing
+    return advantages / (advantages.std(dim=1, keepdim=True) + 1e-4) if scale_by_std else advantages
+
+
+# ----------------------------------------------------------------------------- E-step: explicit target
+def target_distribution(advantages: torch.Tensor, eps_q: float, steps: int = 40) -> tuple:
+    """q = softmax(A / eta) per group, eta the smallest temperature with KL(q || uniform) <= eps_q.
+
+    q maximises sum_i q_i A_i within that KL ball: the best re-weighting of the group that
+    stays eps_q-close to the sampling policy. Bisection in log eta, all groups at once.
+    A group whose advantages are all equal carries no signal: q = uniform, eta = inf.
+    """
+    A, G = advantages.double(), advantages.shape[1]
+    lo, hi = torch.full(A.shape[:1], -12.0, dtype=torch.float64), torch.full(A.shape[:1], 12.0, dtype=torch.float64)
+    for _ in range(steps):  # KL(q || u) falls as eta grows
+        mid = (lo + hi) / 2
+        log_q = torch.log_softmax(A / mid.exp()[:, None], dim=1)
+        too_sharp = (log_q.exp() * (log_q + math.log(G))).sum(1) > eps_q
+        lo, hi = torch.where(too_sharp, mid, lo), torch.where(too_sharp, hi, mid)
+    flat = (A.max(1).values - A.min(1).values) == 0
+    q = torch.where(flat[:, None], torch.full_like(A, 1.0 / G), torch.softmax(A / hi.exp()[:, None], dim=1))
+    return q.float(), torch.where(flat, torch.full_like(hi, math.inf), hi.exp()).float()
+
+
+# ----------------------------------------------------------------------------- M-step: constrained KL-fit
+def sequence_log_ratios(logp, old_logp, mask) -> torch.Tensor:
+    """l_i = (1/T_i) sum_t (log pi_theta - log pi_old): the length-normalised sequence log-ratio."""
+    return ((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def kl_to_target(q: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Per group KL(q || p_theta), p_theta = softmax(l): zero once the group matches its target."""
+    return (torch.xlogy(q, q) - q * torch.log_softmax(l, dim=1)).sum(1)
+
+
+def gaussian_kl(old_mean, old_std, mean, std) -> torch.Tensor:
+    """Exact per-step KL(pi_old || pi_theta) between diagonal Gaussians, summed over action dims."""
+    return (torch.log(std / old_std) + (old_std**2 + (old_mean - mean) ** 2) / (2 * std**2) - 0.5).sum(-1)
+
+
+def dual_ascent(alpha: float, k_old: float, eps_pi: float, lr_alpha: float) -> float:
+    """Projected dual ascent: tighten when the policy moved more than eps_pi, loosen when less."""
+    return max(0.0, alpha + lr_alpha * (k_old - eps_pi))
+
+
+# ----------------------------------------------------------------------------- loss
+def k3_kl(logp, ref_logp) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Per-token weights whose weighted sum is the minibatch's aggregate; micro-batches then sum exactly."""
+    if aggregation == "sequence":  # mean over sequences of each sequence's token mean
+        return mask / mask.sum(1, keepdim=True).clamp(min=1) / mask.shape[0]
+    return mask / mask.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- training loop
+def train_mujoco(args: MujocoArgs) -> dict:
+    if args.group_size < 2:
+        fail(f"--group-size must be at least 2 (got {args.group_size}): a group of one has no comparison")
+    for flag, value in [("--num-trunks", args.num_trunks), ("--segment-length", args.segment_length),
+                        ("--update-epochs", args.update_epochs), ("--num-minibatches", args.num_minibatches),
+                        ("--eval-every", args.eval_every), ("--num-eval-episodes", args.num_eval_episodes),
+                        ("--total-timesteps", args.total_timesteps), ("--torch-threads", args.torch_threads)]:
+        if value < 1:
+            fail(f"{flag} must be at least 1 (got {value})")
+    if args.teacher_tau <= 0 or not 0 <= args.teacher_flip_prob <= 1 or args.teacher_tie_margin < 0 or not 0 < args.teacher_gamma <= 1:
+        fail("--teacher-tau must be positive, --teacher-flip-prob in [0, 1], --teacher-tie-margin non-negative, --teacher-gamma in (0, 1]")
+    if args.update_epochs * args.num_minibatches < 2:
+        fail("--update-epochs x --num-minibatches must be at least 2: at theta_old the fit and the trust region have no gradient")
+    if args.eps_q <= 0 or args.eps_pi <= 0 or min(args.alpha_init, args.lr_alpha, args.beta) < 0:
+        fail("--eps-q and --eps-pi must be positive; --alpha-init, --lr-alpha and --beta non-negative")
+    if args.num_trunks % args.num_minibatches:
+        fail(f"--num-minibatches {args.num_minibatches} must divide --num-trunks {args.num_trunks} (minibatches hold whole groups)")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    seed_everything(args.seed, args.torch_deterministic)
+    torch.set_num_threads(args.torch_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    N, G, H = args.num_trunks, args.group_size, args.segment_length
+    reset_env = make_mujoco_env(args.env_id)
+    max_steps = reset_env.spec.max_episode_steps or 1000
+    branches = [make_mujoco_env(args.env_id).unwrapped for _ in range(N * G)]  # the trunk keeps the clock
+    for i, env in enumerate(branches):
+        env.reset(seed=args.seed + 1 + i)
+    reset_env.reset(seed=args.seed)
+    obs_dim, act_dim = reset_env.observation_space.shape[0], reset_env.action_space.shape[0]
+    policy = GaussianPolicy(obs_dim, act_dim).to(device)
+    reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 else None
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, eps=1e-5)
+    obs_rms = RunningMeanStd(obs_dim)
+    teacher_rng = torch.Generator().manual_seed(args.seed)  # the teacher's noise, apart from sampling
+    writer = make_writer(args, run_name)
+
+    def new_episode():
+        obs, _ = reset_env.reset()
+        return snapshot(reset_env), obs
+
+    trunk_states, trunk_obs = map(list, zip(*[new_episode() for _ in range(N)]))
+    trunk_obs = np.stack(trunk_obs)
+    trunk_t, trunk_return = np.zeros(N, dtype=int), np.zeros(N)
+    global_step, iteration, train_time, recent_returns, queries, alpha = 0, 0, 0.0, [], 0, args.alpha_init
+    eval_returns = []
+    print(f"{run_name}: N={N} trunks x G={G} branches x H={H} steps per iteration on {device}")
+    while global_step < args.total_timesteps:
+        iteration += 1
+        tick = time.time()
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_timesteps)
+
+        # ---- rollout: G branches from each trunk's state, H steps, one batched forward per step
+        batch = branched_rollout(policy, branches, trunk_states, trunk_obs, max_steps - trunk_t, obs_rms, args, device)
+        global_step += int(batch["lengths"].sum())
+        obs = torch.as_tensor(obs_rms.normalize(batch["raw_obs"]), device=device)
+        obs_rms.update(batch["raw_obs"][batch["mask"] > 0])  # frozen until the next iteration
+        actions, old_logp = torch.as_tensor(batch["actions"], device=device), torch.as_tensor(batch["logp"], device=device)
+        mask = torch.as_tensor(batch["mask"], device=device)
+        ref_logp = reference(obs).log_prob(actions).sum(-1) if reference is not None else None
+        with torch.no_grad():  # pi_old's Gaussians, for the exact trust-region KL
+            old_dist = policy(obs)
+
+        # ---- trunks continue from one uniformly chosen branch; episodes end at termination or the time limit
+        for n in range(N):
+            i = n * G + np.random.randint(G)
+            trunk_return[n] += batch["scores"][i]
+            trunk_t[n] += batch["lengths"][i]
+            if batch["terminated"][i] or trunk_t[n] >= max_steps:
+                writer.add_scalar("charts/episodic_return", trunk_return[n], global_step)
+                writer.add_scalar("charts/episodic_length", trunk_t[n], global_step)
+                recent_returns = (recent_returns + [trunk_return[n]])[-20:]
+                (trunk_states[n], trunk_obs[n]), trunk_t[n], trunk_return[n] = new_episode(), 0, 0.0
+            else:
+                trunk_states[n], trunk_obs[n] = snapshot(branches[i]), batch["end_obs"][i]
+
+        # ---- teacher: labels for all G(G-1)/2 pairs of each group; the learner sees only these
+        scores = torch.as_tensor(batch["scores"], dtype=torch.float32)  # hidden from the learner
+        hidden = (myopic_scores(torch.as_tensor(batch["rewards"]), torch.as_tensor(batch["lengths"]), args.teacher_gamma).float()
+                  if args.teacher == "myopic" else scores)
+        labels = teacher_labels(hidden.view(N, G), "oracle" if args.teacher == "myopic" else args.teacher, args.teacher_tau,
+                                args.teacher_flip_prob, args.teacher_tie_margin, teacher_rng)
+        queries += N * G * (G - 1) // 2
+
+        # ---- advantages: net win rate within each group; E-step: the target it defines
+        advantages = net_win_rate(labels)
+        q, eta = target_distribution(advantages, args.eps_q)
+        q = q.to(device)
+
+        # ---- M-step: KL(q || p_theta) + alpha * K_old + beta * K_ref, over minibatches of whole groups
+        stats = {"fit": 0.0, "k_old": 0.0, "kl": 0.0}
+        num_updates = 0
+        for epoch in range(args.update_epochs):
+            for groups in np.array_split(np.random.permutation(N), args.num_minibatches):
+                rows = torch.from_numpy((groups[:, None] * G + np.arange(G)).reshape(-1)).to(device)
+                weights = loss_weights(mask[rows], args.loss_aggregation)
+                dist = policy(obs[rows])
+                logp = dist.log_prob(actions[rows]).sum(-1)
+                ratios = sequence_log_ratios(logp, old_logp[rows], mask[rows]).view(-1, G)
+                fit = kl_to_target(q.view(-1)[rows].view(-1, G), ratios).mean()
+                k_old = (weights * gaussian_kl(old_dist.mean[rows], old_dist.stddev[rows], dist.mean, dist.stddev)).sum()
+                kl = (weights * k3_kl(logp, ref_logp[rows])).sum() if reference is not None else torch.zeros(())
+                loss = fit + alpha * k_old + args.beta * kl  # alpha is held constant inside the loss
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                alpha = dual_ascent(alpha, k_old.item(), args.eps_pi, args.lr_alpha)
+                num_updates += 1
+                stats["fit"] += fit.item()
+                stats["k_old"] += k_old.item()
+                stats["kl"] += kl.item()
+        train_time += time.time() - tick
+
+        # ---- logging (SPS counts training time only, evaluation excluded)
+        metrics = {"charts/SPS": global_step / train_time, "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                   "charts/preference_queries": queries, "charts/label_agreement": label_agreement(labels, scores.view(N, G)),
+                   "charts/alpha": alpha, "charts/eta": eta[eta.isfinite()].mean().item() if eta.isfinite().any() else 0.0,
+                   "charts/kl_q_uniform": (torch.xlogy(q, q).sum(1) + math.log(G)).mean().item(),
+                   "charts/chi2_q_uniform": (G * (q**2).sum(1) - 1).mean().item(),
+                   "charts/segment_return": batch["scores"].mean(), "charts/segment_length": batch["lengths"].mean(),
+                   "losses/entropy": policy(obs[:1]).entropy().sum(-1).mean().item(),
+                   "losses/log_std": policy.log_std.mean().item(), **{f"losses/{k}": v / num_updates for k, v in stats.items()}}
+        last = global_step >= args.total_timesteps
+        if iteration % args.eval_every == 0 or last:
+            video = os.path.join("videos", run_name) if args.capture_video and last else None
+            eval_returns = evaluate_mujoco(policy, obs_rms, args, args.num_eval_episodes, args.seed + 10_000 * iteration, device, video)
+            metrics["eval/episodic_return"] = float(np.mean(eval_returns))
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, global_step)
+        if "eval/episodic_return" in metrics:
+            train_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
+            print(f"iter {iteration} | step {global_step}/{args.total_timesteps} | episodic return {train_return} | "
+                  f"eval return {metrics['eval/episodic_return']:.1f} | K_old {metrics['losses/k_old']:.4f} | alpha {alpha:.2f} | SPS {metrics['charts/SPS']:.0f} | "
+                  f"ETA {format_eta((args.total_timesteps - global_step) / metrics['charts/SPS'])}", flush=True)
+
+    run_dir = os.path.join(args.output_dir, run_name)
+    if args.save_model:
+        torch.save({"policy": policy.state_dict(), "obs_mean": obs_rms.mean, "obs_var": obs_rms.var,
+                    "obs_count": obs_rms.count, "env_id": args.env_id, "args": asdict(args)},
+                   os.path.join(run_dir, "model.pt"))
+    summary = {"run_name": run_name, "global_step": global_step, "iterations": iteration,
+               "train_seconds": round(train_time, 1), "SPS": round(global_step / train_time),
+               "episodic_return": float(np.mean(recent_returns)) if recent_returns else None,
+               "eval/episodic_return": float(np.mean(eval_returns))}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    writer.close()
+    print("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+          + (f" model={os.path.join(run_dir, 'model.pt')}" if args.save_model else ""))
+    return summary
+
+
+if __name__ == "__main__":
+    train_mujoco(tyro.cli(MujocoArgs))
