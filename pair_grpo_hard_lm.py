@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +45,12 @@ class LMArgs:
     """TensorBoard logs and saved models go to `{output_dir}/{run_name}`"""
     save_model: bool = False
     """whether to save the trained policy (`save_pretrained`) into the run folder"""
+    checkpoint_every: int = 0
+    """write a resumable checkpoint every this many iterations (0: only when a signal or faults stop the run)"""
+    resume: Optional[str] = None
+    """a checkpoint folder (or the run folder holding one) whose run to continue"""
+    max_nonfinite_steps: int = 3
+    """a non-finite loss or gradient skips its optimizer step; this many in a row stop the run"""
 
     # model, prompts and reward
     model_name_or_path: str = "tiny"
@@ -135,11 +142,102 @@ def seed_everything(seed: int, deterministic: bool):
     torch.backends.cudnn.deterministic = deterministic
 
 
-def make_writer(args, run_name: str) -> SummaryWriter:
-    writer = SummaryWriter(os.path.join(args.output_dir, run_name))
+def make_writer(args, run_dir: str, purge_step: Optional[int] = None) -> SummaryWriter:
+    """A resumed run writes on in its own folder; TensorBoard drops what it logged after the checkpoint."""
+    writer = SummaryWriter(run_dir, purge_step=purge_step)
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     return writer
+
+
+# ----------------------------------------------------------------------------- scale-out and survival
+# Under `torchrun --nproc-per-node R` each process is one rank: it samples and scores its
+# share of the groups (a group never spans ranks) and DDP averages the gradients.
+def setup_distributed(use_cuda: bool) -> tuple:
+    """(rank, world_size, device); a plain `python` launch is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = use_cuda and torch.cuda.is_available()
+    if world == 1:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return torch.distributed.get_rank(), world, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    if not torch.distributed.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM ask for a stop: the loop checkpoints after the current iteration and
+    exits. A second signal stops at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping with a checkpoint after this iteration (again: stop now)", flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# A resumed run must be the run it continues: these may change, nothing else may.
+RESUMABLE_ARGS = {"resume", "checkpoint_every", "num_iterations", "total_timesteps", "eval_every", "output_dir",
+                  "cuda", "micro_batch_size", "gradient_checkpointing", "save_model", "max_nonfinite_steps"}
+
+
+def save_checkpoint(folder: str, state: dict, rank: int):
+    """Rank 0 writes the shared state, every rank its own random streams; each file is
+    written under a temporary name and renamed, so a kill mid-write leaves the old one."""
+    os.makedirs(folder, exist_ok=True)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    for name, obj in [(f"rng_rank{rank}.pt", rng)] + ([("state.pt", state)] if rank == 0 else []):
+        torch.save(obj, os.path.join(folder, name + ".tmp"))
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def load_checkpoint(path: str, args, rank: int, world: int) -> tuple:
+    """(state, checkpoint folder); restores this rank's random streams. Our own files hold
+    numpy states, hence weights_only=False: load only checkpoints you wrote."""
+    folder = path if os.path.isfile(os.path.join(path, "state.pt")) else os.path.join(path, "checkpoint")
+    if not os.path.isfile(os.path.join(folder, "state.pt")):
+        fail(f"--resume {path!r}: no checkpoint there (expected state.pt in it or in its checkpoint/ folder)")
+    state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+    differ = [k for k, v in asdict(args).items() if k not in RESUMABLE_ARGS and state["args"].get(k) != v]
+    if differ:
+        fail(f"--resume {path!r}: the run used different " + ", ".join(
+            f"--{k.replace('_', '-')} {state['args'].get(k)!r}" for k in differ) + "; pass the same values")
+    if state["world_size"] != world:
+        fail(f"--resume {path!r}: the run had {state['world_size']} ranks; launch it with {state['world_size']}, not {world}")
+    rng = torch.load(os.path.join(folder, f"rng_rank{rank}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state, folder
 
 
 def format_eta(seconds: float) -> str:
@@ -160,9 +258,12 @@ def validate_lm_args(args: LMArgs):
     for flag, value in [("--prompts-per-step", args.prompts_per_step), ("--num-iterations", args.num_iterations),
                         ("--update-epochs", args.update_epochs), ("--num-minibatches", args.num_minibatches),
                         ("--max-new-tokens", args.max_new_tokens), ("--micro-batch-size", args.micro_batch_size),
-                        ("--num-eval-prompts", args.num_eval_prompts), ("--eval-every", args.eval_every)]:
+                        ("--num-eval-prompts", args.num_eval_prompts), ("--eval-every", args.eval_every),
+                        ("--max-nonfinite-steps", args.max_nonfinite_steps)]:
         if value < 1:
             fail(f"{flag} must be at least 1 (got {value})")
+    if args.checkpoint_every < 0:
+        fail(f"--checkpoint-every must be 0 (off) or positive (got {args.checkpoint_every})")
     if args.prompts_per_step % args.num_minibatches:
         fail(f"--num-minibatches {args.num_minibatches} must divide --prompts-per-step {args.prompts_per_step} (minibatches hold whole groups)")
     if args.temperature <= 0:
@@ -280,11 +381,10 @@ def load_lm_policy(args: LMArgs, device: torch.device):
         tokenizer.pad_token = tokenizer.eos_token
     eos = policy.generation_config.eos_token_id or tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
-    # Pure temperature sampling: a fresh config, so no hub default (top-k, top-p,
-    # repetition penalty) distorts the distribution the ratios are computed under.
+    # A fresh config, so no hub default (top-k, top-p, repetition penalty) distorts the
+    # distribution the ratios are computed under; GumbelSampler below does the sampling.
     policy.generation_config = GenerationConfig(
-        do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
-        eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
+        do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
     # Dropout would make pi_theta differ from pi_old at theta_old: switch it off.
     for module in policy.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -384,15 +484,35 @@ def batched_logprobs(model, batch: dict, args, autocast) -> torch.Tensor:
     return torch.cat(out)
 
 
+def sampling_seed(*key: int) -> int:
+    return int(np.random.SeedSequence([k % 2**32 for k in key]).generate_state(1)[0])
+
+
+class GumbelSampler:
+    """Samples softmax(logits / T) exactly, as argmax(logits / T + Gumbel noise), with one
+    seeded generator per completion: what a completion samples depends on its seed alone,
+    not on the batch, the rank or the resume it happens in."""
+
+    def __init__(self, seeds: list, temperature: float, device: torch.device):
+        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids, scores):  # a transformers logits processor; generate takes the argmax
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
+        return scores.float() / self.temperature - torch.log(-torch.log(uniform))
+
+
 @torch.no_grad()
-def sample_completions(model, tokenizer, prompt_ids: list, repeats: int, eos_ids: set, autocast, device) -> dict:
-    """One batched generate for all prompts x repeats (KV cache on)."""
+def sample_completions(model, tokenizer, prompt_ids: list, repeats: int, eos_ids: set, autocast, device,
+                       seeds: list, temperature: float) -> dict:
+    """One batched generate for all prompts x repeats (KV cache on); one seed per completion."""
     ids, mask = left_pad([p for p in prompt_ids for _ in range(repeats)], tokenizer.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     was_training = model.training
     model.eval()
     with autocast:
-        sequences = model.generate(input_ids=ids, attention_mask=mask, use_cache=True)
+        sequences = model.generate(input_ids=ids, attention_mask=mask, use_cache=True,
+                                   logits_processor=[GumbelSampler(seeds, temperature, device)])
     model.train(was_training)
     completion = sequences[:, ids.shape[1]:]
     cmask = completion_mask(completion, eos_ids)
@@ -494,9 +614,11 @@ def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- training loop
 def train_lm(args: LMArgs) -> dict:
     validate_lm_args(args)
-    run_name = f"{os.path.basename(args.dataset_name.rstrip('/'))}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    rank, world, device = setup_distributed(args.cuda)
+    if args.prompts_per_step % (world * args.num_minibatches):
+        fail(f"--prompts-per-step {args.prompts_per_step} must be a multiple of ranks x --num-minibatches "
+             f"({world} x {args.num_minibatches}): every rank's minibatches hold whole groups")
     seed_everything(args.seed, args.torch_deterministic)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.bf16
                 else contextlib.nullcontext())
 
@@ -506,16 +628,33 @@ def train_lm(args: LMArgs) -> dict:
     train_ids = encode_prompts(tokenizer, train_records, args.max_prompt_length, eos_ids)
     eval_ids = encode_prompts(tokenizer, eval_records, args.max_prompt_length, eos_ids)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
-    teacher_rng = torch.Generator().manual_seed(args.seed)  # the teacher's noise, apart from sampling
-    writer = make_writer(args, run_name)
-    print(f"{run_name}: {len(train_records)} train / {len(eval_records)} eval prompts on {device}")
+    # Every rank draws the same prompt order and minibatches; sampling is seeded per completion.
+    shared_rng = np.random.default_rng(args.seed)
+    teacher_rng = torch.Generator().manual_seed(args.seed + rank)  # the teacher's noise, apart from sampling
+    order, cursor, global_step, queries, alpha, start_iteration, elapsed, nonfinite = [], 0, 0, 0, args.alpha_init, 0, 0.0, 0
+    run_name = f"{os.path.basename(args.dataset_name.rstrip('/'))}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    if args.resume:
+        state, folder = load_checkpoint(args.resume, args, rank, world)
+        policy.load_state_dict(state["policy"])
+        optimizer.load_state_dict(state["optimizer"])
+        shared_rng.bit_generator.state = state["shared_rng"]
+        teacher_rng.set_state(state["teacher_rng"][rank])
+        order, cursor, global_step, queries, alpha, start_iteration, elapsed, nonfinite = (
+            state[k] for k in ("order", "cursor", "global_step", "queries", "alpha", "iteration", "elapsed", "nonfinite"))
+        run_dir, run_name = os.path.dirname(os.path.abspath(folder)), state["run_name"]
+    model = torch.nn.parallel.DistributedDataParallel(policy, broadcast_buffers=False) if world > 1 else policy
+    writer = make_writer(args, run_dir, purge_step=global_step + 1 if args.resume else None) if rank == 0 else None
+    stop = StopSignal()
+    G, batch_groups, local_groups = args.group_size, args.prompts_per_step, args.prompts_per_step // world
+    print(f"{run_name}: {len(train_records)} train / {len(eval_records)} eval prompts on {device}"
+          + (f", rank {rank} of {world}" if world > 1 else "") + (f", resumed at iteration {start_iteration}" if args.resume else ""))
 
     def evaluate(iteration: int) -> dict:
-        """Policy vs reference on held-out prompts, judged by the same reward source."""
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(args.seed + 7919 * (iteration + 1))  # eval never moves the training RNG
-            ours = sample_completions(policy, tokenizer, eval_ids, 1, eos_ids, autocast, device)
-            theirs = sample_completions(reference, tokenizer, eval_ids, 1, eos_ids, autocast, device)
+        """Policy vs reference on held-out prompts, judged by the same reward source (rank 0)."""
+        ours, theirs = (sample_completions(m, tokenizer, eval_ids, 1, eos_ids, autocast, device,
+                                           [sampling_seed(args.seed, stream, iteration, p) for p in range(len(eval_ids))],
+                                           args.temperature) for stream, m in ((1, policy), (2, reference)))
         s_ours, s_ref = judge(eval_records, ours["texts"]), judge(eval_records, theirs["texts"])
         log_ratio = batched_logprobs(policy, ours, args, autocast) - batched_logprobs(reference, ours, args, autocast)
         return {"eval/win_rate": ((s_ours > s_ref).float() + 0.5 * (s_ours == s_ref).float()).mean().item(),
@@ -523,29 +662,42 @@ def train_lm(args: LMArgs) -> dict:
                 "eval/kl_to_reference": (log_ratio * ours["mask"]).sum(1).mean().item(),
                 "eval/completion_length": ours["mask"].sum(1).mean().item()}
 
-    G, batch_groups = args.group_size, args.prompts_per_step
-    order, cursor, global_step, queries, alpha, start = [], 0, 0, 0, args.alpha_init, time.time()
-    metrics = evaluate(0)
-    for key, value in metrics.items():
-        writer.add_scalar(key, value, global_step)
-    print(f"before training | eval win {metrics['eval/win_rate']:.3f} | eval score {metrics['eval/score']:.3f}", flush=True)
-    for iteration in range(1, args.num_iterations + 1):
-        # ---- rollout: prompts x G completions, scores, old and reference log-probs
+    def checkpoint(iteration: int) -> str:
+        folder = os.path.join(run_dir, "checkpoint")
+        save_checkpoint(folder, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "shared_rng": shared_rng.bit_generator.state, "order": order, "cursor": cursor,
+                                 "teacher_rng": all_gather(teacher_rng.get_state().to(device)).view(world, -1).cpu(),
+                                 "queries": queries, "alpha": alpha,
+                                 "global_step": global_step, "iteration": iteration, "elapsed": time.time() - start, "nonfinite": nonfinite,
+                                 "run_name": run_name, "world_size": world, "args": asdict(args)}, rank)
+        return folder
+
+    start, resumed_at, nonfinite_in_a_row = time.time() - elapsed, time.time(), 0
+    if start_iteration == 0 and rank == 0:
+        metrics = evaluate(0)
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, global_step)
+        print(f"before training | eval win {metrics['eval/win_rate']:.3f} | eval score {metrics['eval/score']:.3f}", flush=True)
+    for iteration in range(start_iteration + 1, args.num_iterations + 1):
+        # ---- rollout: this rank's prompts x G completions, scores, old and reference log-probs
         batch_prompts = []
         while len(batch_prompts) < batch_groups:
             if cursor == len(order):
-                order, cursor = np.random.permutation(len(train_ids)).tolist(), 0
+                order, cursor = shared_rng.permutation(len(train_ids)).tolist(), 0
             batch_prompts.append(order[cursor])
             cursor += 1
-        batch = sample_completions(policy, tokenizer, [train_ids[i] for i in batch_prompts], G, eos_ids, autocast, device)
-        rewards = judge([train_records[i] for i in batch_prompts for _ in range(G)], batch["texts"])  # hidden
+        positions = range(rank * local_groups, (rank + 1) * local_groups)
+        seeds = [sampling_seed(args.seed, 0, iteration, p, j) for p in positions for j in range(G)]
+        batch = sample_completions(policy, tokenizer, [train_ids[batch_prompts[p]] for p in positions], G, eos_ids,
+                                   autocast, device, seeds, args.temperature)
+        rewards = judge([train_records[batch_prompts[p]] for p in positions for _ in range(G)], batch["texts"])  # hidden
         mask = batch["mask"]
         old_logp = batched_logprobs(policy, batch, args, autocast)
         ref_logp = batched_logprobs(reference, batch, args, autocast) if args.beta > 0 else None
-        global_step += len(batch["texts"])
+        global_step += batch_groups * G
 
         # ---- teacher: labels for all G(G-1)/2 pairs of each group; the learner sees only these
-        labels = teacher_labels(rewards.view(batch_groups, G), args.teacher, args.teacher_tau,
+        labels = teacher_labels(rewards.view(local_groups, G), args.teacher, args.teacher_tau,
                                 args.teacher_flip_prob, args.teacher_tie_margin, teacher_rng)
         queries += batch_groups * G * (G - 1) // 2
 
@@ -558,62 +710,95 @@ def train_lm(args: LMArgs) -> dict:
         stats = {"fit": 0.0, "k_old": 0.0, "kl": 0.0, "entropy": 0.0}
         num_updates = 0
         for epoch in range(args.update_epochs):
-            for groups in np.array_split(np.random.permutation(batch_groups), args.num_minibatches):
+            for groups in np.array_split(shared_rng.permutation(local_groups), args.num_minibatches):
                 rows = torch.from_numpy((groups[:, None] * G + np.arange(G)).reshape(-1)).to(device)
                 weights = loss_weights(mask[rows], args.loss_aggregation)
+                if args.loss_aggregation == "token" and world > 1:  # DDP averages ranks: weigh by this rank's token share
+                    weights = weights * mask[rows].sum() * world / all_sum(mask[rows].sum())
                 optimizer.zero_grad()
                 k_old_step = 0.0
                 # micro-batches of whole groups: p_theta is a softmax over the group
-                for micro in torch.split(torch.arange(len(rows), device=device), G * max(1, args.micro_batch_size // G)):
-                    idx = rows[micro]
-                    with autocast:
-                        logp = token_logprobs(policy, batch["input_ids"][idx], batch["attention_mask"][idx],
-                                              mask.shape[1], args.temperature)
-                    ratios = sequence_log_ratios(logp, old_logp[idx], mask[idx]).view(-1, G)
-                    fit = kl_to_target(q.view(-1)[idx].view(-1, G), ratios).sum() / len(groups)
-                    w = weights[micro]
-                    k_old = (w * k3_kl(old_logp[idx], logp)).sum()
-                    kl = (w * k3_kl(logp, ref_logp[idx])).sum() if args.beta > 0 else torch.zeros(())
-                    loss = fit + alpha * k_old + args.beta * kl  # alpha is held constant inside the loss
-                    loss.backward()
+                micros = torch.split(torch.arange(len(rows), device=device), G * max(1, args.micro_batch_size // G))
+                for m, micro in enumerate(micros):
+                    idx, w = rows[micro], weights[micro]
+                    # DDP averages gradients across ranks once, on the last micro-batch
+                    with model.no_sync() if world > 1 and m < len(micros) - 1 else contextlib.nullcontext():
+                        with autocast:
+                            logp = token_logprobs(model, batch["input_ids"][idx], batch["attention_mask"][idx],
+                                                  mask.shape[1], args.temperature)
+                        ratios = sequence_log_ratios(logp, old_logp[idx], mask[idx]).view(-1, G)
+                        fit = kl_to_target(q.view(-1)[idx].view(-1, G), ratios).sum() / len(groups)
+                        k_old = (w * k3_kl(old_logp[idx], logp)).sum()
+                        kl = (w * k3_kl(logp, ref_logp[idx])).sum() if args.beta > 0 else torch.zeros(())
+                        loss = fit + alpha * k_old + args.beta * kl  # alpha is held constant inside the loss
+                        loss.backward()
                     k_old_step += k_old.item()
                     stats["fit"] += fit.item()
                     stats["k_old"] += k_old.item()
                     stats["kl"] += kl.item()
                     stats["entropy"] += -(w * logp.detach()).sum().item()  # sampled-token estimate
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                optimizer.step()
-                alpha = dual_ascent(alpha, k_old_step, args.eps_pi, args.lr_alpha)
+                # A non-finite loss or gradient skips the step instead of poisoning the weights
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 num_updates += 1
+                if not torch.isfinite(grad_norm):
+                    nonfinite, nonfinite_in_a_row = nonfinite + 1, nonfinite_in_a_row + 1
+                    optimizer.zero_grad()
+                    if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                        folder = checkpoint(iteration)
+                        fail(f"{nonfinite_in_a_row} non-finite losses or gradients in a row at iteration {iteration}; "
+                             f"checkpoint in {folder}. Lower --learning-rate or check the rewards, then --resume it")
+                    continue
+                nonfinite_in_a_row = 0
+                optimizer.step()
+                # every rank moves alpha by the all-rank K_old, so alpha stays one number
+                alpha = dual_ascent(alpha, all_sum(torch.tensor([k_old_step], device=device)).item() / world,
+                                    args.eps_pi, args.lr_alpha)
 
-        # ---- logging
+        # ---- logging (rank 0 logs the whole batch)
         elapsed = time.time() - start
-        metrics = {"charts/score": rewards.mean().item(), "charts/score_std": rewards.std().item(),
-                   "charts/completion_length": mask.sum(1).mean().item(),
+        all_rewards, lengths = all_gather(rewards.to(device)), all_gather(mask.sum(1))
+        stat_means = all_sum(torch.tensor(list(stats.values()), device=device)) / world / num_updates
+        agreement = all_sum(torch.tensor([label_agreement(labels, rewards.view(local_groups, G))], device=device)) / world
+        finite_eta = eta[eta.isfinite()]
+        metrics = {"charts/score": all_rewards.mean().item(), "charts/score_std": all_rewards.std().item(),
+                   "charts/completion_length": lengths.mean().item(),
                    "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                   "charts/SPS": global_step / elapsed, "charts/preference_queries": queries,
-                   "charts/label_agreement": label_agreement(labels, rewards.view(batch_groups, G)),
-                   "charts/alpha": alpha, "charts/eta": eta[eta.isfinite()].mean().item() if eta.isfinite().any() else 0.0,
+                   "charts/nonfinite_skipped_steps": nonfinite, "charts/SPS": global_step / elapsed,
+                   "charts/preference_queries": queries, "charts/label_agreement": agreement.item(), "charts/alpha": alpha,
+                   "charts/eta": finite_eta.mean().item() if len(finite_eta) else 0.0,
                    "charts/kl_q_uniform": (torch.xlogy(q, q).sum(1) + math.log(G)).mean().item(),
                    "charts/chi2_q_uniform": (G * (q**2).sum(1) - 1).mean().item()}
-        metrics.update({f"losses/{k}": v / num_updates for k, v in stats.items()})
-        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
-            metrics.update(evaluate(iteration))
-        for key, value in metrics.items():
-            writer.add_scalar(key, value, global_step)
-        eval_note = f" | eval win {metrics['eval/win_rate']:.3f}" if "eval/win_rate" in metrics else ""
-        print(f"iter {iteration}/{args.num_iterations} | step {global_step} | score {metrics['charts/score']:.3f} | "
-              f"len {metrics['charts/completion_length']:.1f} | kl {metrics['losses/kl']:.4f} | K_old {metrics['losses/k_old']:.4f} | "
-              f"alpha {alpha:.2f}{eval_note} | "
-              f"{metrics['charts/SPS']:.1f} completions/s | ETA {format_eta(elapsed / iteration * (args.num_iterations - iteration))}",
-              flush=True)
+        metrics.update({f"losses/{k}": v.item() for k, v in zip(stats, stat_means)})
+        stopping = all_sum(torch.tensor([float(stop.signum > 0)], device=device)).item() > 0  # all ranks stop together
+        if rank == 0:
+            if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+                metrics.update(evaluate(iteration))
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, global_step)
+            eval_note = f" | eval win {metrics['eval/win_rate']:.3f}" if "eval/win_rate" in metrics else ""
+            print(f"iter {iteration}/{args.num_iterations} | step {global_step} | score {metrics['charts/score']:.3f} | "
+                  f"len {metrics['charts/completion_length']:.1f} | kl {metrics['losses/kl']:.4f} | K_old {metrics['losses/k_old']:.4f} | "
+                  f"alpha {alpha:.2f}{eval_note} | "
+                  f"{metrics['charts/SPS']:.1f} completions/s | "
+                  f"ETA {format_eta((time.time() - resumed_at) / (iteration - start_iteration) * (args.num_iterations - iteration))}", flush=True)
+        if stopping or (args.checkpoint_every and iteration % args.checkpoint_every == 0):
+            folder = checkpoint(iteration)
+        if stopping:
+            print(f"stopped by {signal.Signals(stop.signum).name if stop.signum else 'a signal'} at iteration {iteration}; "
+                  f"continue with --resume {folder}", flush=True)
+            if writer:
+                writer.close()
+            sys.exit(128 + (stop.signum or signal.SIGTERM))
+    stop.restore()
 
-    run_dir = os.path.join(args.output_dir, run_name)
+    if rank != 0:
+        return {}
     if args.save_model:
         policy.save_pretrained(os.path.join(run_dir, "model"))
         tokenizer.save_pretrained(os.path.join(run_dir, "model"))
     summary = {"run_name": run_name, "iterations": args.num_iterations, "global_step": global_step,
-               "seconds": round(time.time() - start, 1), **{k: v for k, v in metrics.items() if k.startswith("eval/")}}
+               "seconds": round(time.time() - start, 1), "nonfinite_skipped_steps": nonfinite,
+               **{k: v for k, v in metrics.items() if k.startswith("eval/")}}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     writer.close()

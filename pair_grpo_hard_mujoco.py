@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -45,6 +46,12 @@ class MujocoArgs:
     """whether to save the policy and observation statistics into the run folder"""
     capture_video: bool = False
     """record the final evaluation's first episode to `videos/{run_name}` (needs a MuJoCo renderer)"""
+    checkpoint_every: int = 0
+    """write a resumable checkpoint every this many iterations (0: only when a signal or faults stop the run)"""
+    resume: Optional[str] = None
+    """a checkpoint folder (or the run folder holding one) whose run to continue"""
+    max_nonfinite_steps: int = 3
+    """a non-finite loss or gradient skips its optimizer step; this many in a row stop the run"""
 
     # environment and branched rollouts
     env_id: str = "HalfCheetah-v4"
@@ -118,11 +125,72 @@ def seed_everything(seed: int, deterministic: bool):
     torch.backends.cudnn.deterministic = deterministic
 
 
-def make_writer(args, run_name: str) -> SummaryWriter:
-    writer = SummaryWriter(os.path.join(args.output_dir, run_name))
+def make_writer(args, run_dir: str, purge_step: Optional[int] = None) -> SummaryWriter:
+    """A resumed run writes on in its own folder; TensorBoard drops what it logged after the checkpoint."""
+    writer = SummaryWriter(run_dir, purge_step=purge_step)
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     return writer
+
+
+# ----------------------------------------------------------------------------- survival
+class StopSignal:
+    """SIGINT/SIGTERM ask for a stop: the loop checkpoints after the current iteration and
+    exits. A second signal stops at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping with a checkpoint after this iteration (again: stop now)", flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# A resumed run must be the run it continues: these may change, nothing else may.
+RESUMABLE_ARGS = {"resume", "checkpoint_every", "num_iterations", "total_timesteps", "eval_every", "output_dir",
+                  "cuda", "micro_batch_size", "gradient_checkpointing", "save_model", "max_nonfinite_steps"}
+
+
+def save_checkpoint(folder: str, state: dict, rank: int):
+    """Rank 0 writes the shared state, every rank its own random streams; each file is
+    written under a temporary name and renamed, so a kill mid-write leaves the old one."""
+    os.makedirs(folder, exist_ok=True)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    for name, obj in [(f"rng_rank{rank}.pt", rng)] + ([("state.pt", state)] if rank == 0 else []):
+        torch.save(obj, os.path.join(folder, name + ".tmp"))
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def load_checkpoint(path: str, args, rank: int, world: int) -> tuple:
+    """(state, checkpoint folder); restores this rank's random streams. Our own files hold
+    numpy states, hence weights_only=False: load only checkpoints you wrote."""
+    folder = path if os.path.isfile(os.path.join(path, "state.pt")) else os.path.join(path, "checkpoint")
+    if not os.path.isfile(os.path.join(folder, "state.pt")):
+        fail(f"--resume {path!r}: no checkpoint there (expected state.pt in it or in its checkpoint/ folder)")
+    state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+    differ = [k for k, v in asdict(args).items() if k not in RESUMABLE_ARGS and state["args"].get(k) != v]
+    if differ:
+        fail(f"--resume {path!r}: the run used different " + ", ".join(
+            f"--{k.replace('_', '-')} {state['args'].get(k)!r}" for k in differ) + "; pass the same values")
+    if state["world_size"] != world:
+        fail(f"--resume {path!r}: the run had {state['world_size']} ranks; launch it with {state['world_size']}, not {world}")
+    rng = torch.load(os.path.join(folder, f"rng_rank{rank}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state, folder
 
 
 def format_eta(seconds: float) -> str:
@@ -370,9 +438,12 @@ def train_mujoco(args: MujocoArgs) -> dict:
     for flag, value in [("--num-trunks", args.num_trunks), ("--segment-length", args.segment_length),
                         ("--update-epochs", args.update_epochs), ("--num-minibatches", args.num_minibatches),
                         ("--eval-every", args.eval_every), ("--num-eval-episodes", args.num_eval_episodes),
-                        ("--total-timesteps", args.total_timesteps), ("--torch-threads", args.torch_threads)]:
+                        ("--total-timesteps", args.total_timesteps), ("--torch-threads", args.torch_threads),
+                        ("--max-nonfinite-steps", args.max_nonfinite_steps)]:
         if value < 1:
             fail(f"{flag} must be at least 1 (got {value})")
+    if args.checkpoint_every < 0:
+        fail(f"--checkpoint-every must be 0 (off) or positive (got {args.checkpoint_every})")
     if args.teacher_tau <= 0 or not 0 <= args.teacher_flip_prob <= 1 or args.teacher_tie_margin < 0 or not 0 < args.teacher_gamma <= 1:
         fail("--teacher-tau must be positive, --teacher-flip-prob in [0, 1], --teacher-tie-margin non-negative, --teacher-gamma in (0, 1]")
     if args.update_epochs * args.num_minibatches < 2:
@@ -381,7 +452,6 @@ def train_mujoco(args: MujocoArgs) -> dict:
         fail("--eps-q and --eps-pi must be positive; --alpha-init, --lr-alpha and --beta non-negative")
     if args.num_trunks % args.num_minibatches:
         fail(f"--num-minibatches {args.num_minibatches} must divide --num-trunks {args.num_trunks} (minibatches hold whole groups)")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     seed_everything(args.seed, args.torch_deterministic)
     torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -399,7 +469,6 @@ def train_mujoco(args: MujocoArgs) -> dict:
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, eps=1e-5)
     obs_rms = RunningMeanStd(obs_dim)
     teacher_rng = torch.Generator().manual_seed(args.seed)  # the teacher's noise, apart from sampling
-    writer = make_writer(args, run_name)
 
     def new_episode():
         obs, _ = reset_env.reset()
@@ -408,9 +477,40 @@ def train_mujoco(args: MujocoArgs) -> dict:
     trunk_states, trunk_obs = map(list, zip(*[new_episode() for _ in range(N)]))
     trunk_obs = np.stack(trunk_obs)
     trunk_t, trunk_return = np.zeros(N, dtype=int), np.zeros(N)
-    global_step, iteration, train_time, recent_returns, queries, alpha = 0, 0, 0.0, [], 0, args.alpha_init
-    eval_returns = []
-    print(f"{run_name}: N={N} trunks x G={G} branches x H={H} steps per iteration on {device}")
+    global_step, iteration, train_time, recent_returns, eval_returns, nonfinite, queries, alpha = 0, 0, 0.0, [], [], 0, 0, args.alpha_init
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    if args.resume:  # everything the next iteration reads: weights, statistics, trunks, clocks, random streams
+        state, folder = load_checkpoint(args.resume, args, 0, 1)
+        policy.load_state_dict(state["policy"])
+        optimizer.load_state_dict(state["optimizer"])
+        if reference is not None:
+            reference.load_state_dict(state["reference"])
+        obs_rms.mean, obs_rms.var, obs_rms.count = state["obs_rms"]
+        reset_env.unwrapped.np_random.bit_generator.state = state["reset_rng"]
+        teacher_rng.set_state(state["teacher_rng"])
+        (trunk_states, trunk_obs, trunk_t, trunk_return, global_step, iteration, train_time, recent_returns,
+         eval_returns, nonfinite, queries, alpha) = (state[k] for k in (
+            "trunk_states", "trunk_obs", "trunk_t", "trunk_return", "global_step", "iteration", "train_time",
+            "recent_returns", "eval_returns", "nonfinite", "queries", "alpha"))
+        run_dir, run_name = os.path.dirname(os.path.abspath(folder)), state["run_name"]
+    writer = make_writer(args, run_dir, purge_step=global_step + 1 if args.resume else None)
+    stop, nonfinite_in_a_row = StopSignal(), 0
+
+    def checkpoint() -> str:
+        folder = os.path.join(run_dir, "checkpoint")
+        save_checkpoint(folder, {
+            "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+            "reference": reference.state_dict() if reference is not None else None,
+            "obs_rms": (obs_rms.mean, obs_rms.var, obs_rms.count), "reset_rng": reset_env.unwrapped.np_random.bit_generator.state,
+            "trunk_states": trunk_states, "trunk_obs": trunk_obs, "trunk_t": trunk_t, "trunk_return": trunk_return,
+            "global_step": global_step, "iteration": iteration, "train_time": train_time, "recent_returns": recent_returns,
+            "eval_returns": eval_returns, "nonfinite": nonfinite, "run_name": run_name, "world_size": 1, "args": asdict(args),
+            "teacher_rng": teacher_rng.get_state(), "queries": queries, "alpha": alpha}, 0)
+        return folder
+
+    print(f"{run_name}: N={N} trunks x G={G} branches x H={H} steps per iteration on {device}"
+          + (f", resumed at step {global_step}" if args.resume else ""))
     while global_step < args.total_timesteps:
         iteration += 1
         tick = time.time()
@@ -470,13 +570,21 @@ def train_mujoco(args: MujocoArgs) -> dict:
                 loss = fit + alpha * k_old + args.beta * kl  # alpha is held constant inside the loss
                 optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                optimizer.step()
-                alpha = dual_ascent(alpha, k_old.item(), args.eps_pi, args.lr_alpha)
                 num_updates += 1
                 stats["fit"] += fit.item()
                 stats["k_old"] += k_old.item()
                 stats["kl"] += kl.item()
+                # A non-finite loss or gradient skips the step instead of poisoning the weights
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    nonfinite, nonfinite_in_a_row = nonfinite + 1, nonfinite_in_a_row + 1
+                    if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                        fail(f"{nonfinite_in_a_row} non-finite losses or gradients in a row at step {global_step}; "
+                             f"checkpoint in {checkpoint()}. Lower --learning-rate, then --resume it")
+                    continue
+                nonfinite_in_a_row = 0
+                optimizer.step()
+                alpha = dual_ascent(alpha, k_old.item(), args.eps_pi, args.lr_alpha)
         train_time += time.time() - tick
 
         # ---- logging (SPS counts training time only, evaluation excluded)
@@ -487,7 +595,8 @@ def train_mujoco(args: MujocoArgs) -> dict:
                    "charts/chi2_q_uniform": (G * (q**2).sum(1) - 1).mean().item(),
                    "charts/segment_return": batch["scores"].mean(), "charts/segment_length": batch["lengths"].mean(),
                    "losses/entropy": policy(obs[:1]).entropy().sum(-1).mean().item(),
-                   "losses/log_std": policy.log_std.mean().item(), **{f"losses/{k}": v / num_updates for k, v in stats.items()}}
+                   "losses/log_std": policy.log_std.mean().item(), "charts/nonfinite_skipped_steps": nonfinite,
+                   **{f"losses/{k}": v / num_updates for k, v in stats.items()}}
         last = global_step >= args.total_timesteps
         if iteration % args.eval_every == 0 or last:
             video = os.path.join("videos", run_name) if args.capture_video and last else None
@@ -500,14 +609,20 @@ def train_mujoco(args: MujocoArgs) -> dict:
             print(f"iter {iteration} | step {global_step}/{args.total_timesteps} | episodic return {train_return} | "
                   f"eval return {metrics['eval/episodic_return']:.1f} | K_old {metrics['losses/k_old']:.4f} | alpha {alpha:.2f} | SPS {metrics['charts/SPS']:.0f} | "
                   f"ETA {format_eta((args.total_timesteps - global_step) / metrics['charts/SPS'])}", flush=True)
+        if stop.signum or (args.checkpoint_every and iteration % args.checkpoint_every == 0):
+            folder = checkpoint()
+        if stop.signum:
+            print(f"stopped by {signal.Signals(stop.signum).name} at step {global_step}; continue with --resume {folder}", flush=True)
+            writer.close()
+            sys.exit(128 + stop.signum)
+    stop.restore()
 
-    run_dir = os.path.join(args.output_dir, run_name)
     if args.save_model:
         torch.save({"policy": policy.state_dict(), "obs_mean": obs_rms.mean, "obs_var": obs_rms.var,
                     "obs_count": obs_rms.count, "env_id": args.env_id, "args": asdict(args)},
                    os.path.join(run_dir, "model.pt"))
     summary = {"run_name": run_name, "global_step": global_step, "iterations": iteration,
-               "train_seconds": round(train_time, 1), "SPS": round(global_step / train_time),
+               "train_seconds": round(train_time, 1), "SPS": round(global_step / train_time), "nonfinite_skipped_steps": nonfinite,
                "episodic_return": float(np.mean(recent_returns)) if recent_returns else None,
                "eval/episodic_return": float(np.mean(eval_returns))}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:

@@ -1,0 +1,141 @@
+"""Scale-out and survival of the LM scripts: torchrun ranks, resume, signals, non-finite steps."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grpo_baseline as gb
+from test_lm_runs import ROOT, run, scalars
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def saved_parameters(run_dir: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return dict(AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "model")).named_parameters())
+
+
+def only_run(folder) -> str:
+    (name,) = [n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))]
+    return os.path.join(folder, name)
+
+
+def test_two_gloo_ranks_end_with_the_parameters_of_one_process(tmp_path):
+    # token aggregation and small micro-batches exercise the rank weighting and no_sync
+    flags = ["lm", "--num-iterations", "3", "--eval-every", "3", "--update-epochs", "2", "--loss-aggregation", "token",
+             "--micro-batch-size", "12", "--save-model"]
+    script = os.path.join(ROOT, "grpo_baseline.py")
+    one = subprocess.run([sys.executable, script, *flags, "--output-dir", str(tmp_path / "one")],
+                         env=ENV, capture_output=True, text=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          script, *flags, "--output-dir", str(tmp_path / "two")], env=ENV, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "rank 0 of 2" in two.stdout
+    a, b = saved_parameters(only_run(tmp_path / "one")), saved_parameters(only_run(tmp_path / "two"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+    # the same completions were sampled and scored, split over two ranks
+    assert scalars(only_run(tmp_path / "one"))["charts/score"] == scalars(only_run(tmp_path / "two"))["charts/score"]
+
+
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path):
+    common = dict(eval_every=2, update_epochs=2, num_minibatches=2, save_model=True)
+    _, full_dir = run(tmp_path / "full", num_iterations=4, **common)
+    first, part_dir = run(tmp_path / "part", num_iterations=2, checkpoint_every=2, **common)
+    second, resumed_dir = run(tmp_path / "part", num_iterations=4, resume=part_dir, **common)
+    assert resumed_dir == part_dir and second["global_step"] == 2 * first["global_step"]
+    full, resumed = scalars(full_dir), scalars(resumed_dir)
+    assert full.keys() == resumed.keys()
+    for tag in full:
+        if tag != "charts/SPS":  # wall-clock
+            assert full[tag] == resumed[tag], tag
+    a, b = saved_parameters(full_dir), saved_parameters(resumed_dir)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    _, part_dir = run(tmp_path, num_iterations=1, checkpoint_every=1, eval_every=1)
+    with pytest.raises(SystemExit, match="--resume .*different --learning-rate"):
+        gb.train_lm(gb.LMArgs(output_dir=str(tmp_path), num_iterations=2, resume=part_dir, learning_rate=0.1))
+    with pytest.raises(SystemExit, match="--resume .*no checkpoint"):
+        gb.train_lm(gb.LMArgs(output_dir=str(tmp_path), resume=str(tmp_path)))
+
+
+def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes(tmp_path):
+    script = os.path.join(ROOT, "grpo_baseline.py")
+    proc = subprocess.Popen([sys.executable, script, "lm", "--num-iterations", "1000", "--eval-every", "1000",
+                             "--output-dir", str(tmp_path)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 1/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, out
+    assert "Traceback" not in out and "continue with --resume" in out, out
+    folder = os.path.join(only_run(tmp_path), "checkpoint")
+    state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+    stopped_at = state["iteration"]
+    assert 1 <= stopped_at < 1000
+    summary = gb.train_lm(gb.LMArgs(output_dir=str(tmp_path), num_iterations=stopped_at + 1, eval_every=1000, resume=folder))
+    assert summary["global_step"] == (stopped_at + 1) * 64
+
+
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
+    calls, real = [], gb.clipped_surrogate
+
+    def poisoned(*a, **k):  # the second minibatch step of the run gets a NaN loss
+        calls.append(1)
+        surrogate, clipped = real(*a, **k)
+        return (surrogate * float("nan"), clipped) if len(calls) == 2 else (surrogate, clipped)
+
+    monkeypatch.setattr(gb, "clipped_surrogate", poisoned)
+    summary, run_dir = run(tmp_path, num_iterations=3, eval_every=3, save_model=True)
+    assert summary["nonfinite_skipped_steps"] == 1
+    assert dict(scalars(run_dir)["charts/nonfinite_skipped_steps"]) == {64: 0, 128: 1, 192: 1}
+    assert all(torch.isfinite(p).all() for p in saved_parameters(run_dir).values())
+
+
+def test_repeated_nonfinite_losses_stop_with_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(gb, "clipped_surrogate", lambda logp, *a: (logp * float("nan"), torch.zeros_like(logp)))
+    with pytest.raises(SystemExit, match="3 non-finite losses or gradients in a row .*checkpoint in"):
+        run(tmp_path, num_iterations=5, eval_every=5, update_epochs=2, num_minibatches=2)
+    state = torch.load(os.path.join(only_run(tmp_path), "checkpoint", "state.pt"), weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["policy"].values())
+
+
+def test_mujoco_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(tmp_path):
+    script = os.path.join(ROOT, "grpo_baseline.py")
+    flags = ["mujoco", "--total-timesteps", "12000", "--num-trunks", "4", "--group-size", "4", "--num-minibatches", "2", "--eval-every", "1",
+             "--num-eval-episodes", "1", "--save-model"]
+    full = subprocess.run([sys.executable, script, *flags, "--output-dir", str(tmp_path / "full")],
+                          env=ENV, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, script, *flags, "--output-dir", str(tmp_path / "cut")], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 2 "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, out
+    cut_dir = only_run(tmp_path / "cut")
+    state = torch.load(os.path.join(cut_dir, "checkpoint", "state.pt"), weights_only=False)
+    assert 0 < state["global_step"] < 12000
+    resumed = subprocess.run([sys.executable, script, *flags, "--output-dir", str(tmp_path / "cut"), "--resume", cut_dir],
+                             env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = scalars(only_run(tmp_path / "full")), scalars(cut_dir)
+    assert a.keys() == b.keys()
+    for tag in a:
+        if tag != "charts/SPS":
+            assert a[tag] == b[tag], tag
+    pa = torch.load(os.path.join(only_run(tmp_path / "full"), "model.pt"), weights_only=False)
+    pb = torch.load(os.path.join(cut_dir, "model.pt"), weights_only=False)
+    for name, value in pa["policy"].items():
+        assert torch.equal(value, pb["policy"][name]), name
