@@ -24,11 +24,14 @@ def only_run(folder) -> str:
     return os.path.join(folder, name)
 
 
-def test_two_gloo_ranks_end_with_the_parameters_of_one_process(tmp_path):
-    # token aggregation and small micro-batches exercise the rank weighting and no_sync
-    flags = ["lm", "--num-iterations", "3", "--eval-every", "3", "--update-epochs", "2", "--loss-aggregation", "token",
-             "--micro-batch-size", "12", "--save-model"]
-    script = os.path.join(ROOT, "grpo_baseline.py")
+@pytest.mark.parametrize("script", ["grpo_baseline.py", "pair_grpo_soft_lm.py", "pair_grpo_hard_lm.py"])
+def test_two_gloo_ranks_end_with_the_parameters_of_one_process(tmp_path, script):
+    # token aggregation and small micro-batches exercise the rank weighting and no_sync;
+    # the pair scripts' default (oracle) teacher draws no noise, so the runs can agree exactly
+    flags = (["lm"] if script == "grpo_baseline.py" else []) + [
+        "--num-iterations", "3", "--eval-every", "3", "--update-epochs", "2", "--loss-aggregation", "token",
+        "--micro-batch-size", "12", "--save-model"]
+    script = os.path.join(ROOT, script)
     one = subprocess.run([sys.executable, script, *flags, "--output-dir", str(tmp_path / "one")],
                          env=ENV, capture_output=True, text=True)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -37,8 +40,14 @@ def test_two_gloo_ranks_end_with_the_parameters_of_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     assert "rank 0 of 2" in two.stdout
     a, b = saved_parameters(only_run(tmp_path / "one")), saved_parameters(only_run(tmp_path / "two"))
+    gb.seed_everything(1, True)  # the runs' starting weights, to measure how far training moved them
+    start = dict(gb.load_lm_policy(gb.LMArgs(), torch.device("cpu"))[0].named_parameters())
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+        # Summing gradients over ranks changes float rounding, which Adam's normalisation can
+        # amplify on near-zero gradients: the tolerance is 1% of the distance trained.
+        moved = (a[name] - start[name]).abs().max().item()
+        assert moved > 1e-3, name
+        assert (a[name] - b[name]).abs().max().item() <= 1e-2 * moved, name
     # the same completions were sampled and scored, split over two ranks
     assert scalars(only_run(tmp_path / "one"))["charts/score"] == scalars(only_run(tmp_path / "two"))["charts/score"]
 
