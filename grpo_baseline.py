@@ -14,6 +14,7 @@ with a k3 KL penalty to the frozen starting policy. No value network.
 import contextlib
 import copy
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -743,6 +744,8 @@ class MujocoArgs:
     """G: branches restored from each trunk's state"""
     segment_length: int = 16
     """H: steps each branch runs (the episode length gives whole-episode groups)"""
+    num_workers: int = 0
+    """step the N*G branches in this many worker processes, a slice each (0: all in this process)"""
 
     # algorithm
     learning_rate: float = 3e-4
@@ -849,6 +852,91 @@ def restore(env, state: np.ndarray):
     mujoco.mj_forward(model, data)
 
 
+class Branches:
+    """The branch simulators, stepped in this process."""
+
+    def __init__(self, envs: list, seed: Optional[int] = None):
+        self.envs, self.action_space = envs, envs[0].action_space
+        for i, env in enumerate(envs if seed is not None else []):
+            env.reset(seed=seed + i)
+
+    def __len__(self):
+        return len(self.envs)
+
+    def restore(self, states: list):
+        for env, state in zip(self.envs, states):
+            restore(env, state)
+
+    def step(self, actions: np.ndarray, active: np.ndarray) -> tuple:
+        """Steps the active branches; the other rows of (obs, rewards, terminated) are zeros."""
+        obs = np.zeros((len(self.envs), self.envs[0].observation_space.shape[0]))
+        rewards, terminated = np.zeros(len(self.envs)), np.zeros(len(self.envs), dtype=bool)
+        for i in np.flatnonzero(active):
+            obs[i], rewards[i], terminated[i], _, _ = self.envs[i].step(actions[i])
+        return obs, rewards, terminated
+
+    def snapshot(self, i: int) -> np.ndarray:
+        return snapshot(self.envs[i])
+
+    def close(self):
+        pass
+
+
+def branch_worker(conn, env_id: str, num_branches: int, seed: int):
+    """A worker process: owns a slice of the branches and runs the calls it is sent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    branches = Branches([make_mujoco_env(env_id).unwrapped for _ in range(num_branches)], seed)
+    while True:
+        method, call_args = conn.recv()
+        if method == "close":
+            return
+        conn.send(getattr(branches, method)(*call_args))
+
+
+class WorkerBranches:
+    """The same branches split into contiguous slices over worker processes, so several
+    cores step them at once; each step is one message per worker. Results are identical."""
+
+    def __init__(self, env_id: str, num_branches: int, seed: int, num_workers: int):
+        self.action_space = make_mujoco_env(env_id).action_space
+        self.slices = np.array_split(np.arange(num_branches), num_workers)
+        self.num_branches, self.conns = num_branches, []
+        context = multiprocessing.get_context("fork")  # workers never touch torch
+        for part in self.slices:
+            conn, child = context.Pipe()
+            context.Process(target=branch_worker, args=(child, env_id, len(part), seed + int(part[0])), daemon=True).start()
+            child.close()
+            self.conns.append(conn)
+
+    def __len__(self):
+        return self.num_branches
+
+    def call(self, method: str, per_worker_args: list) -> list:
+        for conn, call_args in zip(self.conns, per_worker_args):
+            conn.send((method, call_args))
+        try:
+            return [conn.recv() for conn in self.conns]
+        except EOFError:
+            fail("a branch worker process died (see its error above); rerun with --num-workers 0 to see it here")
+
+    def restore(self, states: list):
+        self.call("restore", [([states[i] for i in part],) for part in self.slices])
+
+    def step(self, actions: np.ndarray, active: np.ndarray) -> tuple:
+        parts = self.call("step", [(actions[part], active[part]) for part in self.slices])
+        return tuple(np.concatenate(column) for column in zip(*parts))
+
+    def snapshot(self, i: int) -> np.ndarray:
+        w = next(w for w, part in enumerate(self.slices) if part[0] <= i <= part[-1])
+        self.conns[w].send(("snapshot", (i - int(self.slices[w][0]),)))
+        return self.conns[w].recv()
+
+    def close(self):
+        for conn in self.conns:
+            conn.send(("close", ()))
+
+
 @torch.no_grad()
 def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_rms, args, device) -> dict:
     """Restore each trunk's state into its G branches and step all N*G of them H steps.
@@ -857,15 +945,14 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
     """
     G, H = args.group_size, args.segment_length
     B = len(branches)
-    for i, env in enumerate(branches):
-        restore(env, trunk_states[i // G])
+    branches.restore([trunk_states[i // G] for i in range(B)])
     obs = np.repeat(trunk_obs, G, axis=0)
     limit = np.repeat(np.minimum(steps_left, H), G)
     raw_obs = np.zeros((B, H, obs.shape[1]))
-    actions = np.zeros((B, H, branches[0].action_space.shape[0]), dtype=np.float32)
+    actions = np.zeros((B, H, branches.action_space.shape[0]), dtype=np.float32)
     logp, rewards, mask = np.zeros((B, H), np.float32), np.zeros((B, H)), np.zeros((B, H), np.float32)
     terminated = np.zeros(B, dtype=bool)
-    low, high = branches[0].action_space.low, branches[0].action_space.high
+    low, high = branches.action_space.low, branches.action_space.high
     for t in range(H):
         active = ~terminated & (t < limit)
         if not active.any():
@@ -875,8 +962,8 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
         mask[:, t] = active
         raw_obs[active, t], actions[active, t] = obs[active], action.cpu().numpy()[active]
         logp[active, t] = dist.log_prob(action).sum(-1).cpu().numpy()[active]
-        for i in np.flatnonzero(active):
-            obs[i], rewards[i, t], terminated[i], _, _ = branches[i].step(np.clip(actions[i, t], low, high))
+        step_obs, step_rewards, step_terminated = branches.step(np.clip(actions[:, t], low, high), active)
+        obs[active], rewards[active, t], terminated[active] = step_obs[active], step_rewards[active], step_terminated[active]
     return {"raw_obs": raw_obs, "actions": actions, "logp": logp, "mask": mask, "rewards": rewards, "scores": rewards.sum(1),
             "end_obs": obs, "terminated": terminated, "lengths": mask.sum(1).astype(int)}
 
@@ -919,6 +1006,8 @@ def train_mujoco(args: MujocoArgs) -> dict:
             fail(f"{flag} must be at least 1 (got {value})")
     if args.checkpoint_every < 0:
         fail(f"--checkpoint-every must be 0 (off) or positive (got {args.checkpoint_every})")
+    if not 0 <= args.num_workers <= args.num_trunks * args.group_size:
+        fail(f"--num-workers must lie in [0, N*G = {args.num_trunks * args.group_size}] (got {args.num_workers})")
     if args.num_trunks % args.num_minibatches:
         fail(f"--num-minibatches {args.num_minibatches} must divide --num-trunks {args.num_trunks} (minibatches hold whole groups)")
     seed_everything(args.seed, args.torch_deterministic)
@@ -928,9 +1017,9 @@ def train_mujoco(args: MujocoArgs) -> dict:
     N, G, H = args.num_trunks, args.group_size, args.segment_length
     reset_env = make_mujoco_env(args.env_id)
     max_steps = reset_env.spec.max_episode_steps or 1000
-    branches = [make_mujoco_env(args.env_id).unwrapped for _ in range(N * G)]  # the trunk keeps the clock
-    for i, env in enumerate(branches):
-        env.reset(seed=args.seed + 1 + i)
+    # the trunk keeps the clock, so branches are unwrapped simulators
+    branches = (WorkerBranches(args.env_id, N * G, args.seed + 1, args.num_workers) if args.num_workers else
+                Branches([make_mujoco_env(args.env_id).unwrapped for _ in range(N * G)], args.seed + 1))
     reset_env.reset(seed=args.seed)
     obs_dim, act_dim = reset_env.observation_space.shape[0], reset_env.action_space.shape[0]
     policy = GaussianPolicy(obs_dim, act_dim).to(device)
@@ -1002,7 +1091,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
                 recent_returns = (recent_returns + [trunk_return[n]])[-20:]
                 (trunk_states[n], trunk_obs[n]), trunk_t[n], trunk_return[n] = new_episode(), 0, 0.0
             else:
-                trunk_states[n], trunk_obs[n] = snapshot(branches[i]), batch["end_obs"][i]
+                trunk_states[n], trunk_obs[n] = branches.snapshot(i), batch["end_obs"][i]
 
         # ---- advantages: normalised within each group, shared by every step of a segment
         scores = torch.as_tensor(batch["scores"], dtype=torch.float32, device=device)
@@ -1063,6 +1152,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
             writer.close()
             sys.exit(128 + stop.signum)
     stop.restore()
+    branches.close()
 
     if args.save_model:
         torch.save({"policy": policy.state_dict(), "obs_mean": obs_rms.mean, "obs_var": obs_rms.var,

@@ -58,7 +58,7 @@ def test_rollout_groups_share_their_trunk_state():
     policy = gb.GaussianPolicy(obs.shape[1], envs[0].action_space.shape[0])
     with torch.no_grad():
         policy.log_std.fill_(-30.0)  # std ~ 1e-13: every branch of a group takes the same actions
-    batch = gb.branched_rollout(policy, envs, states, obs, np.array([1000, 1000]), gb.RunningMeanStd(obs.shape[1]),
+    batch = gb.branched_rollout(policy, gb.Branches(envs), states, obs, np.array([1000, 1000]), gb.RunningMeanStd(obs.shape[1]),
                                 args, torch.device("cpu"))
     G = args.group_size
     for n in range(args.num_trunks):
@@ -75,7 +75,7 @@ def test_terminated_and_time_limited_branches_are_masked():
     with torch.no_grad():
         policy.log_std.fill_(1.0)  # wild actions: Hopper falls within 200 steps
     steps_left = np.array([1000, 37])  # trunk 1 is 37 steps from its time limit
-    batch = gb.branched_rollout(policy, envs, states, obs, steps_left, gb.RunningMeanStd(obs.shape[1]), args, torch.device("cpu"))
+    batch = gb.branched_rollout(policy, gb.Branches(envs), states, obs, steps_left, gb.RunningMeanStd(obs.shape[1]), args, torch.device("cpu"))
     mask, lengths, G = batch["mask"], batch["lengths"], args.group_size
     assert batch["terminated"][:G].any()
     for i in range(len(envs)):
@@ -136,3 +136,23 @@ def test_bad_mujoco_input(tmp_path):
     expect_error("--num-minibatches 3 must divide --num-trunks 2", num_minibatches=3, output_dir=str(tmp_path))
     expect_error("not a MuJoCo environment", env_id="CartPole-v1", output_dir=str(tmp_path))
     expect_error("--env-id 'NoSuchEnv-v0'", env_id="NoSuchEnv-v0", output_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("env_id", ["HalfCheetah-v4", "Hopper-v4"])
+def test_worker_processes_step_the_same_branches(tmp_path, env_id):
+    from test_lm_runs import scalars
+
+    runs = {}
+    for workers in [0, 3]:  # 3 workers over 8 branches: uneven slices
+        summary = gb.train_mujoco(small_args(env_id=env_id, output_dir=str(tmp_path / str(workers)), total_timesteps=3000,
+                                             segment_length=64, eval_every=2, num_workers=workers))
+        runs[workers] = scalars(os.path.join(str(tmp_path / str(workers)), summary["run_name"]))
+    assert runs[0].keys() == runs[3].keys() and "eval/episodic_return" in runs[0]
+    for tag in runs[0]:
+        if tag != "charts/SPS":
+            assert runs[0][tag] == runs[3][tag], tag
+
+
+def test_bad_worker_count():
+    with pytest.raises(SystemExit, match="--num-workers must lie in"):
+        gb.train_mujoco(small_args(num_workers=99))

@@ -100,7 +100,8 @@ def test_mujoco_policy_and_statistics_agree():
                                   "restore", "branched_rollout", "RunningMeanStd", "GaussianPolicy", "fail",
                                   "target_distribution", "sequence_log_ratios", "kl_to_target", "dual_ascent",
                                   "sampling_seed", "GumbelSampler", "sample_completions", "setup_distributed", "all_sum",
-                                  "all_gather", "StopSignal", "save_checkpoint", "load_checkpoint", "make_writer"])
+                                  "all_gather", "StopSignal", "save_checkpoint", "load_checkpoint", "make_writer",
+                                  "Branches", "WorkerBranches", "branch_worker"])
 def test_shared_pieces_have_identical_source(name):
     sources = {n: inspect.getsource(getattr(m, name)) for n, m in having(name)}
     first = next(iter(sources.values()))
