@@ -28,6 +28,7 @@ ALGOS = {  # name -> command prefix; extra flags go through --extra
     "grpo": ["grpo_baseline.py", "mujoco"],
     "soft": ["pair_grpo_soft_mujoco.py"],
     "hard": ["pair_grpo_hard_mujoco.py"],
+    "sb3_ppo": ["benchmarks/sb3_ppo.py"],  # the peer: Stable-Baselines3 PPO, RL Zoo hyperparameters
 }
 ANCHOR = 1443  # CleanRL ppo_continuous_action, HalfCheetah-v4, 1M steps: 1442.64 +- 46.03
 
