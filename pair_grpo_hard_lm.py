@@ -81,15 +81,15 @@ class LMArgs:
     """prompts per rollout batch; each gives one group"""
     group_size: int = 8
     """completions per prompt (G)"""
-    learning_rate: float = 3e-3
-    """AdamW learning rate (use about 1e-6 for real models)"""
+    learning_rate: float = 1e-2
+    """AdamW learning rate (use about 1e-6 for real models; the trust region keeps the step safe)"""
     update_epochs: int = 2
     """passes over each rollout batch (the fit and the trust region act from the second step on)"""
     num_minibatches: int = 1
     """minibatches per pass; each holds whole groups and makes one optimizer step"""
     eps_q: float = 1.0
     """E-step: KL(q || uniform) budget of the target over each group"""
-    eps_pi: float = 0.002
+    eps_pi: float = 0.02
     """M-step trust region: target per-token KL(pi_old || pi_theta)"""
     alpha_init: float = 1.0
     """initial Lagrange multiplier of the trust region"""

@@ -148,3 +148,41 @@ def test_mujoco_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(
     pb = torch.load(os.path.join(cut_dir, "model.pt"), weights_only=False)
     for name, value in pa["policy"].items():
         assert torch.equal(value, pb["policy"][name]), name
+
+
+@pytest.mark.parametrize("script", ["pair_grpo_soft_lm", "pair_grpo_hard_lm"])
+def test_pair_lm_scripts_resume_their_teacher_noise_and_multiplier(tmp_path, script):
+    module = __import__(script)
+    common = dict(eval_every=1, teacher="stochastic", num_eval_prompts=8)  # the cut run evaluates at its end too
+
+    def go(folder, **kw):
+        summary = module.train_lm(module.LMArgs(output_dir=str(folder), **common, **kw))
+        return os.path.join(str(folder), summary["run_name"])
+
+    full = go(tmp_path / "full", num_iterations=2)
+    part = go(tmp_path / "part", num_iterations=1, checkpoint_every=1)
+    go(tmp_path / "part", num_iterations=2, resume=part)
+    a, b = scalars(full), scalars(part)
+    for tag in a:
+        if tag != "charts/SPS":
+            assert a[tag] == b[tag], tag
+
+
+@pytest.mark.parametrize("script", ["pair_grpo_soft_mujoco", "pair_grpo_hard_mujoco"])
+def test_pair_mujoco_scripts_resume(tmp_path, script):
+    module = __import__(script)
+    common = dict(num_trunks=2, group_size=4, num_minibatches=2, segment_length=64, eval_every=2, num_eval_episodes=1,
+                  anneal_lr=False, teacher="stochastic")
+
+    def go(folder, **kw):
+        summary = module.train_mujoco(module.MujocoArgs(output_dir=str(folder), **common, **kw))
+        return os.path.join(str(folder), summary["run_name"])
+
+    full = go(tmp_path / "full", total_timesteps=2048)
+    part = go(tmp_path / "part", total_timesteps=1024, checkpoint_every=2)
+    go(tmp_path / "part", total_timesteps=2048, resume=part)
+    a, b = scalars(full), scalars(part)
+    assert a.keys() == b.keys()
+    for tag in a:
+        if tag != "charts/SPS":
+            assert a[tag] == b[tag], tag
