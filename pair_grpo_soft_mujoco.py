@@ -64,6 +64,8 @@ class MujocoArgs:
     """H: steps each branch runs (the episode length gives whole-episode groups)"""
     num_workers: int = 0
     """step the N*G branches in this many worker processes, a slice each (0: all in this process)"""
+    log_std_init: float = 0.0
+    """initial log-std of the Gaussian policy (CleanRL: 0; the RL Zoo's HalfCheetah PPO: -2)"""
 
     # algorithm
     learning_rate: float = 3e-4
@@ -223,13 +225,13 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 class GaussianPolicy(torch.nn.Module):
     """Diagonal Gaussian with a state-independent log-std (CleanRL's continuous PPO actor)."""
 
-    def __init__(self, obs_dim: int, act_dim: int):
+    def __init__(self, obs_dim: int, act_dim: int, log_std_init: float = 0.0):
         super().__init__()
         self.mean = torch.nn.Sequential(
             layer_init(torch.nn.Linear(obs_dim, 64)), torch.nn.Tanh(),
             layer_init(torch.nn.Linear(64, 64)), torch.nn.Tanh(),
             layer_init(torch.nn.Linear(64, act_dim), std=0.01))
-        self.log_std = torch.nn.Parameter(torch.zeros(act_dim))
+        self.log_std = torch.nn.Parameter(torch.full((act_dim,), log_std_init))
 
     def forward(self, obs: torch.Tensor) -> torch.distributions.Normal:
         mean = self.mean(obs)
@@ -510,7 +512,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
                 Branches([make_mujoco_env(args.env_id).unwrapped for _ in range(N * G)], args.seed + 1))
     reset_env.reset(seed=args.seed)
     obs_dim, act_dim = reset_env.observation_space.shape[0], reset_env.action_space.shape[0]
-    policy = GaussianPolicy(obs_dim, act_dim).to(device)
+    policy = GaussianPolicy(obs_dim, act_dim, args.log_std_init).to(device)
     reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 else None
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, eps=1e-5)
     obs_rms = RunningMeanStd(obs_dim)

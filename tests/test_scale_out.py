@@ -19,6 +19,14 @@ def saved_parameters(run_dir: str) -> dict:
     return dict(AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "model")).named_parameters())
 
 
+def assert_same_scalars(dir_a: str, dir_b: str):
+    a, b = scalars(dir_a), scalars(dir_b)
+    assert a.keys() == b.keys()
+    for tag in a:
+        if tag != "charts/SPS":  # wall-clock
+            assert a[tag] == b[tag], tag
+
+
 def only_run(folder) -> str:
     (name,) = [n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))]
     return os.path.join(folder, name)
@@ -58,11 +66,7 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path):
     first, part_dir = run(tmp_path / "part", num_iterations=2, checkpoint_every=2, **common)
     second, resumed_dir = run(tmp_path / "part", num_iterations=4, resume=part_dir, **common)
     assert resumed_dir == part_dir and second["global_step"] == 2 * first["global_step"]
-    full, resumed = scalars(full_dir), scalars(resumed_dir)
-    assert full.keys() == resumed.keys()
-    for tag in full:
-        if tag != "charts/SPS":  # wall-clock
-            assert full[tag] == resumed[tag], tag
+    assert_same_scalars(full_dir, resumed_dir)
     a, b = saved_parameters(full_dir), saved_parameters(resumed_dir)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
@@ -139,11 +143,7 @@ def test_mujoco_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(
     resumed = subprocess.run([sys.executable, script, *flags, "--output-dir", str(tmp_path / "cut"), "--resume", cut_dir],
                              env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = scalars(only_run(tmp_path / "full")), scalars(cut_dir)
-    assert a.keys() == b.keys()
-    for tag in a:
-        if tag != "charts/SPS":
-            assert a[tag] == b[tag], tag
+    assert_same_scalars(only_run(tmp_path / "full"), cut_dir)
     pa = torch.load(os.path.join(only_run(tmp_path / "full"), "model.pt"), weights_only=False)
     pb = torch.load(os.path.join(cut_dir, "model.pt"), weights_only=False)
     for name, value in pa["policy"].items():
@@ -162,10 +162,7 @@ def test_pair_lm_scripts_resume_their_teacher_noise_and_multiplier(tmp_path, scr
     full = go(tmp_path / "full", num_iterations=2)
     part = go(tmp_path / "part", num_iterations=1, checkpoint_every=1)
     go(tmp_path / "part", num_iterations=2, resume=part)
-    a, b = scalars(full), scalars(part)
-    for tag in a:
-        if tag != "charts/SPS":
-            assert a[tag] == b[tag], tag
+    assert_same_scalars(full, part)
 
 
 @pytest.mark.parametrize("script", ["pair_grpo_soft_mujoco", "pair_grpo_hard_mujoco"])
@@ -181,8 +178,4 @@ def test_pair_mujoco_scripts_resume(tmp_path, script):
     full = go(tmp_path / "full", total_timesteps=2048)
     part = go(tmp_path / "part", total_timesteps=1024, checkpoint_every=2)
     go(tmp_path / "part", total_timesteps=2048, resume=part)
-    a, b = scalars(full), scalars(part)
-    assert a.keys() == b.keys()
-    for tag in a:
-        if tag != "charts/SPS":
-            assert a[tag] == b[tag], tag
+    assert_same_scalars(full, part)
