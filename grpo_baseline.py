@@ -688,9 +688,13 @@ def train_lm(args: LMArgs) -> dict:
                   f"continue with --resume {folder}", flush=True)
             if writer:
                 writer.close()
+            if world > 1:
+                torch.distributed.destroy_process_group()
             sys.exit(128 + (stop.signum or signal.SIGTERM))
     stop.restore()
-
+    if world > 1:  # leave together: a rank that exits while its peers still hold connections can abort the job
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if rank != 0:
         return {}
     if args.save_model:

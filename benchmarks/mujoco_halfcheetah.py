@@ -127,7 +127,10 @@ def main():
                      "final_train_return": np.mean([v for _, v in train[-10:]]) if train else float("nan"),
                      "final_eval_return": np.mean([v for _, v in evals[-3:]]) if evals else float("nan"),
                      "steps_to_1443": reach, "SPS": summary["SPS"], "raw_env_sps": round(raw),
-                     "sps_ratio": summary["SPS"] / raw, "wall_seconds": round(wall)})
+                     "sps_ratio": summary["SPS"] / raw, "wall_seconds": round(wall),
+                     # pair methods: the fraction of the teacher's labels that agree with the oracle
+                     "label_agreement": np.mean([v for _, v in logged["charts/label_agreement"]])
+                     if "charts/label_agreement" in logged else ""})
     with open(os.path.join(args.out_dir, f"{args.tag}_curves.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["algo", "seed", "tag", "global_step", "value"])
