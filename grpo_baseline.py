@@ -561,7 +561,8 @@ def train_lm(args: LMArgs) -> dict:
         shared_rng.bit_generator.state = state["shared_rng"]
         order, cursor, global_step, start_iteration, elapsed, nonfinite = (
             state[k] for k in ("order", "cursor", "global_step", "iteration", "elapsed", "nonfinite"))
-        run_dir, run_name = os.path.dirname(os.path.abspath(folder)), state["run_name"]
+        run_dir = os.path.dirname(os.path.abspath(folder))  # the run continues in its own folder
+        run_name = os.path.basename(run_dir)
     model = torch.nn.parallel.DistributedDataParallel(policy, broadcast_buffers=False) if world > 1 else policy
     writer = make_writer(args, run_dir, purge_step=global_step + 1 if args.resume else None) if rank == 0 else None
     stop = StopSignal()
@@ -586,7 +587,7 @@ def train_lm(args: LMArgs) -> dict:
         save_checkpoint(folder, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
                                  "shared_rng": shared_rng.bit_generator.state, "order": order, "cursor": cursor,
                                  "global_step": global_step, "iteration": iteration, "elapsed": time.time() - start, "nonfinite": nonfinite,
-                                 "run_name": run_name, "world_size": world, "args": asdict(args)}, rank)
+                                 "world_size": world, "args": asdict(args)}, rank)
         return folder
 
     # Old log-probs equal the current ones when each batch gets exactly one optimizer
@@ -1054,7 +1055,8 @@ def train_mujoco(args: MujocoArgs) -> dict:
         (trunk_states, trunk_obs, trunk_t, trunk_return, global_step, iteration, train_time, recent_returns,
          eval_returns, nonfinite) = (state[k] for k in ("trunk_states", "trunk_obs", "trunk_t", "trunk_return", "global_step",
                                                         "iteration", "train_time", "recent_returns", "eval_returns", "nonfinite"))
-        run_dir, run_name = os.path.dirname(os.path.abspath(folder)), state["run_name"]
+        run_dir = os.path.dirname(os.path.abspath(folder))  # the run continues in its own folder
+        run_name = os.path.basename(run_dir)
     writer = make_writer(args, run_dir, purge_step=global_step + 1 if args.resume else None)
     stop, nonfinite_in_a_row = StopSignal(), 0
 
@@ -1066,7 +1068,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
             "obs_rms": (obs_rms.mean, obs_rms.var, obs_rms.count), "reset_rng": reset_env.unwrapped.np_random.bit_generator.state,
             "trunk_states": trunk_states, "trunk_obs": trunk_obs, "trunk_t": trunk_t, "trunk_return": trunk_return,
             "global_step": global_step, "iteration": iteration, "train_time": train_time, "recent_returns": recent_returns,
-            "eval_returns": eval_returns, "nonfinite": nonfinite, "run_name": run_name, "world_size": 1, "args": asdict(args)}, 0)
+            "eval_returns": eval_returns, "nonfinite": nonfinite, "world_size": 1, "args": asdict(args)}, 0)
         return folder
 
     print(f"{run_name}: N={N} trunks x G={G} branches x H={H} steps per iteration on {device}"

@@ -584,7 +584,8 @@ def train_mujoco(args: MujocoArgs) -> dict:
          eval_returns, nonfinite, queries, alpha) = (state[k] for k in (
             "trunk_states", "trunk_obs", "trunk_t", "trunk_return", "global_step", "iteration", "train_time",
             "recent_returns", "eval_returns", "nonfinite", "queries", "alpha"))
-        run_dir, run_name = os.path.dirname(os.path.abspath(folder)), state["run_name"]
+        run_dir = os.path.dirname(os.path.abspath(folder))  # the run continues in its own folder
+        run_name = os.path.basename(run_dir)
     writer = make_writer(args, run_dir, purge_step=global_step + 1 if args.resume else None)
     stop, nonfinite_in_a_row = StopSignal(), 0
 
@@ -596,7 +597,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
             "obs_rms": (obs_rms.mean, obs_rms.var, obs_rms.count), "reset_rng": reset_env.unwrapped.np_random.bit_generator.state,
             "trunk_states": trunk_states, "trunk_obs": trunk_obs, "trunk_t": trunk_t, "trunk_return": trunk_return,
             "global_step": global_step, "iteration": iteration, "train_time": train_time, "recent_returns": recent_returns,
-            "eval_returns": eval_returns, "nonfinite": nonfinite, "run_name": run_name, "world_size": 1, "args": asdict(args),
+            "eval_returns": eval_returns, "nonfinite": nonfinite, "world_size": 1, "args": asdict(args),
             "teacher_rng": teacher_rng.get_state(), "queries": queries, "alpha": alpha}, 0)
         return folder
 

@@ -604,7 +604,8 @@ def train_lm(args: LMArgs) -> dict:
         teacher_rng.set_state(state["teacher_rng"][rank])
         order, cursor, global_step, queries, start_iteration, elapsed, nonfinite = (
             state[k] for k in ("order", "cursor", "global_step", "queries", "iteration", "elapsed", "nonfinite"))
-        run_dir, run_name = os.path.dirname(os.path.abspath(folder)), state["run_name"]
+        run_dir = os.path.dirname(os.path.abspath(folder))  # the run continues in its own folder
+        run_name = os.path.basename(run_dir)
     model = torch.nn.parallel.DistributedDataParallel(policy, broadcast_buffers=False) if world > 1 else policy
     writer = make_writer(args, run_dir, purge_step=global_step + 1 if args.resume else None) if rank == 0 else None
     stop = StopSignal()
@@ -630,7 +631,7 @@ def train_lm(args: LMArgs) -> dict:
                                  "shared_rng": shared_rng.bit_generator.state, "order": order, "cursor": cursor,
                                  "teacher_rng": all_gather(teacher_rng.get_state().to(device)).view(world, -1).cpu(), "queries": queries,
                                  "global_step": global_step, "iteration": iteration, "elapsed": time.time() - start, "nonfinite": nonfinite,
-                                 "run_name": run_name, "world_size": world, "args": asdict(args)}, rank)
+                                 "world_size": world, "args": asdict(args)}, rank)
         return folder
 
     # Old log-probs equal the current ones when each batch gets exactly one optimizer

@@ -106,3 +106,8 @@ def test_shared_pieces_have_identical_source(name):
     sources = {n: inspect.getsource(getattr(m, name)) for n, m in having(name)}
     first = next(iter(sources.values()))
     assert all(src == first for src in sources.values()), f"{name} differs between {list(sources)}"
+
+
+def test_every_script_lets_the_same_flags_change_on_resume():
+    sets = {n: m.RESUMABLE_ARGS for n, m in having("RESUMABLE_ARGS")}
+    assert len(sets) == 5 and all(v == sets["grpo_baseline"] for v in sets.values()), sets
