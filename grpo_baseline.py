@@ -91,7 +91,9 @@ class LMArgs:
     clip_eps_high: float = 0.2
     """upper clip range of the ratio (1 + eps_high)"""
     beta: float = 0.04
-    """weight of the k3 KL penalty to the reference policy"""
+    """weight of the k3 KL penalty to the anchor policy"""
+    kl_anchor: Literal["old", "ref"] = "ref"
+    """the KL penalty's anchor: `old` the batch's sampling policy, `ref` the starting policy"""
     scale_rewards: bool = True
     """divide group-centred rewards by the group std (off: Dr. GRPO)"""
     loss_aggregation: Literal["sequence", "token"] = "sequence"
@@ -614,14 +616,14 @@ def train_lm(args: LMArgs) -> dict:
         rewards = judge([train_records[batch_prompts[p]] for p in positions for _ in range(G)], batch["texts"])
         mask = batch["mask"]
         old_logp = None if reuse_old else batched_logprobs(policy, batch, args, autocast)
-        ref_logp = batched_logprobs(reference, batch, args, autocast) if args.beta > 0 else None
+        ref_logp = batched_logprobs(reference, batch, args, autocast) if args.beta > 0 and args.kl_anchor == "ref" else None
         global_step += batch_groups * G
 
         # ---- advantages: normalised within each group, shared by every token of a completion
         advantages = group_advantages(rewards.view(local_groups, G), args.scale_rewards).view(-1).to(device)
 
         # ---- loss: clipped surrogate minus beta * k3 KL, over minibatches of whole groups
-        stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0}
+        stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
         num_updates = 0
         for epoch in range(args.update_epochs):
             for groups in np.array_split(shared_rng.permutation(local_groups), args.num_minibatches):
@@ -640,7 +642,7 @@ def train_lm(args: LMArgs) -> dict:
                                                   mask.shape[1], args.temperature)
                         old = logp.detach() if reuse_old else old_logp[idx]
                         surrogate, clipped = clipped_surrogate(logp, old, advantages[idx, None], args.clip_eps_low, args.clip_eps_high)
-                        kl = k3_kl(logp, ref_logp[idx]) if args.beta > 0 else torch.zeros_like(logp)
+                        kl = k3_kl(logp, old if args.kl_anchor == "old" else ref_logp[idx]) if args.beta > 0 else torch.zeros_like(logp)
                         loss = -(w * (surrogate - args.beta * kl)).sum()
                         loss.backward()
                     stats["policy_loss"] += -(w * surrogate).sum().item()
@@ -660,6 +662,7 @@ def train_lm(args: LMArgs) -> dict:
                              f"checkpoint in {folder}. Lower --learning-rate or check the rewards, then --resume it")
                     continue
                 nonfinite_in_a_row = 0
+                stats["grad_norm"] += grad_norm.item()  # before clipping
                 optimizer.step()
 
         # ---- logging (rank 0 logs the whole batch)
@@ -768,7 +771,9 @@ class MujocoArgs:
     clip_eps_high: float = 0.3
     """upper clip range of the ratio (1 + eps_high)"""
     beta: float = 0.0
-    """weight of the k3 KL penalty to the initial policy (none by default)"""
+    """weight of the k3 KL penalty to the anchor policy (none by default)"""
+    kl_anchor: Literal["old", "ref"] = "ref"
+    """the KL penalty's anchor: `old` the batch's sampling policy, `ref` the initial policy"""
     scale_rewards: bool = True
     """divide group-centred segment returns by the group std (off: Dr. GRPO)"""
     loss_aggregation: Literal["sequence", "token"] = "sequence"
@@ -1030,7 +1035,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
     reset_env.reset(seed=args.seed)
     obs_dim, act_dim = reset_env.observation_space.shape[0], reset_env.action_space.shape[0]
     policy = GaussianPolicy(obs_dim, act_dim, args.log_std_init).to(device)
-    reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 else None
+    reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 and args.kl_anchor == "ref" else None
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, eps=1e-5)
     obs_rms = RunningMeanStd(obs_dim)
 
@@ -1106,7 +1111,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
         advantages = group_advantages(scores.view(N, G), args.scale_rewards).view(-1)
 
         # ---- loss: clipped surrogate (minus beta * k3 KL), over minibatches of whole groups
-        stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
+        stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "grad_norm": 0.0}
         num_updates = 0
         for epoch in range(args.update_epochs):
             for groups in np.array_split(np.random.permutation(N), args.num_minibatches):
@@ -1114,7 +1119,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
                 weights = loss_weights(mask[rows], args.loss_aggregation)
                 logp = policy(obs[rows]).log_prob(actions[rows]).sum(-1)
                 surrogate, clipped = clipped_surrogate(logp, old_logp[rows], advantages[rows, None], args.clip_eps_low, args.clip_eps_high)
-                kl = k3_kl(logp, ref_logp[rows]) if reference is not None else torch.zeros_like(logp)
+                kl = k3_kl(logp, old_logp[rows] if args.kl_anchor == "old" else ref_logp[rows]) if args.beta > 0 else torch.zeros_like(logp)
                 loss = -(weights * (surrogate - args.beta * kl)).sum()
                 optimizer.zero_grad()
                 loss.backward()
@@ -1132,6 +1137,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
                              f"checkpoint in {checkpoint()}. Lower --learning-rate, then --resume it")
                     continue
                 nonfinite_in_a_row = 0
+                stats["grad_norm"] += grad_norm.item()  # before clipping
                 optimizer.step()
         train_time += time.time() - tick
 

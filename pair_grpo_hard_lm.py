@@ -87,16 +87,28 @@ class LMArgs:
     """passes over each rollout batch (the fit and the trust region act from the second step on)"""
     num_minibatches: int = 1
     """minibatches per pass; each holds whole groups and makes one optimizer step"""
+    target: Literal["pair-shift", "group-softmax"] = "pair-shift"
+    """`pair-shift`: the paper's q = 1/G + delta_t A, reverse-KL fit, hinge; `group-softmax`: softmax(A / eta), dual ascent"""
+    delta0: float = 0.02
+    """pair-shift: the step delta_0, the mass a response moves per unit of net win rate (below 1/G)"""
+    delta_decay: float = 0.98
+    """pair-shift: gamma in delta_t = delta_0 * gamma^t, t the iteration from 0 (1: fixed delta)"""
+    alpha: float = 0.5
+    """pair-shift: weight of the hinge alpha * max(K_old - trust_region_kl, 0) (0: no trust region)"""
+    trust_region_kl: float = 0.01
+    """pair-shift: the per-token KL(pi_old || pi_theta) the hinge lets through for free"""
     eps_q: float = 1.0
-    """E-step: KL(q || uniform) budget of the target over each group"""
+    """group-softmax E-step: KL(q || uniform) budget of the target over each group"""
     eps_pi: float = 0.02
-    """M-step trust region: target per-token KL(pi_old || pi_theta)"""
+    """group-softmax M-step trust region: target per-token KL(pi_old || pi_theta)"""
     alpha_init: float = 1.0
-    """initial Lagrange multiplier of the trust region"""
+    """group-softmax: initial Lagrange multiplier of the trust region"""
     lr_alpha: float = 20.0
-    """dual ascent step: alpha <- max(0, alpha + lr_alpha * (K_old - eps_pi)) after each optimizer step"""
-    beta: float = 0.04
-    """weight of the k3 KL penalty to the reference policy"""
+    """group-softmax dual ascent: alpha <- max(0, alpha + lr_alpha * (K_old - eps_pi)) after each optimizer step"""
+    beta: float = 0.0
+    """weight of the k3 KL penalty to the anchor policy (0: none)"""
+    kl_anchor: Literal["old", "ref"] = "old"
+    """the beta penalty's anchor: `old` the batch's sampling policy (the paper), `ref` the starting policy"""
     loss_aggregation: Literal["sequence", "token"] = "sequence"
     """`sequence`: mean over sequences of token means (DeepSeekMath); `token`: mean over all tokens"""
     max_grad_norm: float = 1.0
@@ -272,6 +284,11 @@ def validate_lm_args(args: LMArgs):
         fail("--update-epochs x --num-minibatches must be at least 2: at theta_old the fit and the trust region have no gradient")
     if args.eps_q <= 0 or args.eps_pi <= 0 or min(args.alpha_init, args.lr_alpha, args.beta) < 0:
         fail("--eps-q and --eps-pi must be positive; --alpha-init, --lr-alpha and --beta non-negative")
+    if args.target == "pair-shift" and not 0 < args.delta0 < 1 / args.group_size:
+        fail(f"--delta0 must lie in (0, 1/G) = (0, {1 / args.group_size:.4g}) for --group-size {args.group_size} "
+             f"(got {args.delta0}): the target 1/G + delta_t A_i must stay positive")
+    if not 0 < args.delta_decay <= 1 or min(args.alpha, args.trust_region_kl) < 0:
+        fail("--delta-decay must lie in (0, 1]; --alpha and --trust-region-kl must be non-negative")
     if args.teacher_tau <= 0 or not 0 <= args.teacher_flip_prob <= 1 or args.teacher_tie_margin < 0:
         fail("--teacher-tau must be positive, --teacher-flip-prob in [0, 1], --teacher-tie-margin non-negative")
     if args.model_name_or_path != "tiny":
@@ -559,7 +576,22 @@ def net_win_rate(labels: torch.Tensor, scale_by_std: bool = False) -> torch.Tens
     return advantages / (advantages.std(dim=1, keepdim=True) + 1e-4) if scale_by_std else advantages
 
 
-# ----------------------------------------------------------------------------- E-step: explicit target
+# ----------------------------------------------------------------------------- pair-shift target (the paper's)
+def pair_shift_target(advantages: torch.Tensor, delta: float) -> torch.Tensor:
+    """q_i = 1/G + delta * A_i: every labelled pair moves delta / (G-1) of mass from its rejected
+    to its preferred member, starting from the uniform sampling distribution of the group.
+    A response that wins as often as it loses keeps 1/G; positive whenever delta < 1/G."""
+    return 1.0 / advantages.shape[1] + delta * advantages
+
+
+def reverse_kl_fit(q: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Per group KL(p_theta || q), p_theta = softmax(l): the paper's direction. It stops pulling
+    once p_theta = q, so delta_t bounds how far one batch moves the group."""
+    log_p = torch.log_softmax(l, dim=1)
+    return (log_p.exp() * (log_p - torch.log(q))).sum(1)
+
+
+# ----------------------------------------------------------------------------- group-softmax target (E-step)
 def target_distribution(advantages: torch.Tensor, eps_q: float, steps: int = 40) -> tuple:
     """q = softmax(A / eta) per group, eta the smallest temperature with KL(q || uniform) <= eps_q.
 
@@ -579,7 +611,7 @@ def target_distribution(advantages: torch.Tensor, eps_q: float, steps: int = 40)
     return q.float(), torch.where(flat, torch.full_like(hi, math.inf), hi.exp()).float()
 
 
-# ----------------------------------------------------------------------------- M-step: constrained KL-fit
+# ----------------------------------------------------------------------------- the fit and the trust region
 def sequence_log_ratios(logp, old_logp, mask) -> torch.Tensor:
     """l_i = (1/T_i) sum_t (log pi_theta - log pi_old): the length-normalised sequence log-ratio."""
     return ((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -593,6 +625,20 @@ def kl_to_target(q: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
 def dual_ascent(alpha: float, k_old: float, eps_pi: float, lr_alpha: float) -> float:
     """Projected dual ascent: tighten when the policy moved more than eps_pi, loosen when less."""
     return max(0.0, alpha + lr_alpha * (k_old - eps_pi))
+
+
+@torch.no_grad()
+def minibatch_k_old(policy, batch, old_logp, rows, weights, micros, args, autocast) -> torch.Tensor:
+    """This rank's share of the minibatch's K_old at the current weights: whether the hinge acts
+    must be known before the first micro-batch's backward pass."""
+    total = torch.zeros((), device=old_logp.device)
+    for micro in micros:
+        idx = rows[micro]
+        with autocast:
+            logp = token_logprobs(policy, batch["input_ids"][idx], batch["attention_mask"][idx], old_logp.shape[1],
+                                  args.temperature)
+        total += (weights[micro] * k3_kl(old_logp[idx], logp)).sum()
+    return total
 
 
 # ----------------------------------------------------------------------------- loss
@@ -694,7 +740,8 @@ def train_lm(args: LMArgs) -> dict:
         rewards = judge([train_records[batch_prompts[p]] for p in positions for _ in range(G)], batch["texts"])  # hidden
         mask = batch["mask"]
         old_logp = batched_logprobs(policy, batch, args, autocast)
-        ref_logp = batched_logprobs(reference, batch, args, autocast) if args.beta > 0 else None
+        # the beta penalty's anchor: the batch's sampling policy (the paper) or the starting policy
+        anchor_logp = batched_logprobs(reference, batch, args, autocast) if args.kl_anchor == "ref" and args.beta > 0 else old_logp
         global_step += batch_groups * G
 
         # ---- teacher: labels for all G(G-1)/2 pairs of each group; the learner sees only these
@@ -702,13 +749,16 @@ def train_lm(args: LMArgs) -> dict:
                                 args.teacher_flip_prob, args.teacher_tie_margin, teacher_rng)
         queries += batch_groups * G * (G - 1) // 2
 
-        # ---- advantages: net win rate within each group; E-step: the target it defines
+        # ---- advantages: net win rate within each group; the explicit target over the group it defines
         advantages = net_win_rate(labels)
-        q, eta = target_distribution(advantages, args.eps_q)
-        q = q.to(device)
+        delta = args.delta0 * args.delta_decay ** (iteration - 1)  # the dynamic step, t = iteration - 1
+        pair_shift = args.target == "pair-shift"
+        q, eta = (pair_shift_target(advantages, delta), None) if pair_shift else target_distribution(advantages, args.eps_q)
+        q, fit_to_target = q.to(device), reverse_kl_fit if pair_shift else kl_to_target
 
-        # ---- M-step: KL(q || p_theta) + alpha * K_old + beta * K_ref, over minibatches of whole groups
-        stats = {"fit": 0.0, "k_old": 0.0, "kl": 0.0, "entropy": 0.0}
+        # ---- fit: KL(p_theta || q) + alpha * max(K_old - trust_region_kl, 0) (pair-shift) or
+        # KL(q || p_theta) + alpha_t * K_old (group-softmax), + beta * KL to the anchor; minibatches of whole groups
+        stats = {"fit": 0.0, "k_old": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "hinge_active": 0.0}
         num_updates = 0
         for epoch in range(args.update_epochs):
             for groups in np.array_split(shared_rng.permutation(local_groups), args.num_minibatches):
@@ -720,6 +770,12 @@ def train_lm(args: LMArgs) -> dict:
                 k_old_step = 0.0
                 # micro-batches of whole groups: p_theta is a softmax over the group
                 micros = torch.split(torch.arange(len(rows), device=device), G * max(1, args.micro_batch_size // G))
+                trust_weight = alpha  # group-softmax: the dual multiplier, held constant inside the loss
+                if pair_shift:  # the hinge is on the whole minibatch's K_old: measure it first (0 at theta_old)
+                    hinge_on = num_updates > 0 and all_sum(minibatch_k_old(
+                        policy, batch, old_logp, rows, weights, micros, args, autocast)).item() / world > args.trust_region_kl
+                    trust_weight = args.alpha * hinge_on
+                    stats["hinge_active"] += hinge_on
                 for m, micro in enumerate(micros):
                     idx, w = rows[micro], weights[micro]
                     # DDP averages gradients across ranks once, on the last micro-batch
@@ -728,10 +784,10 @@ def train_lm(args: LMArgs) -> dict:
                             logp = token_logprobs(model, batch["input_ids"][idx], batch["attention_mask"][idx],
                                                   mask.shape[1], args.temperature)
                         ratios = sequence_log_ratios(logp, old_logp[idx], mask[idx]).view(-1, G)
-                        fit = kl_to_target(q.view(-1)[idx].view(-1, G), ratios).sum() / len(groups)
+                        fit = fit_to_target(q.view(-1)[idx].view(-1, G), ratios).sum() / len(groups)
                         k_old = (w * k3_kl(old_logp[idx], logp)).sum()
-                        kl = (w * k3_kl(logp, ref_logp[idx])).sum() if args.beta > 0 else torch.zeros(())
-                        loss = fit + alpha * k_old + args.beta * kl  # alpha is held constant inside the loss
+                        kl = (w * k3_kl(logp, anchor_logp[idx])).sum() if args.beta > 0 else torch.zeros(())
+                        loss = fit + trust_weight * k_old + args.beta * kl
                         loss.backward()
                     k_old_step += k_old.item()
                     stats["fit"] += fit.item()
@@ -750,26 +806,29 @@ def train_lm(args: LMArgs) -> dict:
                              f"checkpoint in {folder}. Lower --learning-rate or check the rewards, then --resume it")
                     continue
                 nonfinite_in_a_row = 0
+                stats["grad_norm"] += grad_norm.item()  # before clipping
                 optimizer.step()
-                # every rank moves alpha by the all-rank K_old, so alpha stays one number
-                alpha = dual_ascent(alpha, all_sum(torch.tensor([k_old_step], device=device)).item() / world,
-                                    args.eps_pi, args.lr_alpha)
+                if not pair_shift:  # every rank moves alpha by the all-rank K_old, so alpha stays one number
+                    alpha = dual_ascent(alpha, all_sum(torch.tensor([k_old_step], device=device)).item() / world,
+                                        args.eps_pi, args.lr_alpha)
 
         # ---- logging (rank 0 logs the whole batch)
         elapsed = time.time() - start
         all_rewards, lengths = all_gather(rewards.to(device)), all_gather(mask.sum(1))
         stat_means = all_sum(torch.tensor(list(stats.values()), device=device)) / world / num_updates
         agreement = all_sum(torch.tensor([label_agreement(labels, rewards.view(local_groups, G))], device=device)) / world
-        finite_eta = eta[eta.isfinite()]
         metrics = {"charts/score": all_rewards.mean().item(), "charts/score_std": all_rewards.std().item(),
                    "charts/completion_length": lengths.mean().item(),
                    "charts/learning_rate": optimizer.param_groups[0]["lr"],
                    "charts/nonfinite_skipped_steps": nonfinite, "charts/SPS": global_step / elapsed,
-                   "charts/preference_queries": queries, "charts/label_agreement": agreement.item(), "charts/alpha": alpha,
-                   "charts/eta": finite_eta.mean().item() if len(finite_eta) else 0.0,
+                   "charts/preference_queries": queries, "charts/label_agreement": agreement.item(),
                    "charts/kl_q_uniform": (torch.xlogy(q, q).sum(1) + math.log(G)).mean().item(),
                    "charts/chi2_q_uniform": (G * (q**2).sum(1) - 1).mean().item()}
-        metrics.update({f"losses/{k}": v.item() for k, v in zip(stats, stat_means)})
+        metrics.update({f"losses/{k}": v.item() for k, v in zip(stats, stat_means) if k != "hinge_active"})
+        if pair_shift:
+            metrics.update({"charts/delta": delta, "charts/hinge_active": stat_means[-1].item()})
+        else:
+            metrics.update({"charts/alpha": alpha, "charts/eta": eta[eta.isfinite()].mean().item() if eta.isfinite().any() else 0.0})
         stopping = all_sum(torch.tensor([float(stop.signum > 0)], device=device)).item() > 0  # all ranks stop together
         if rank == 0:
             if iteration % args.eval_every == 0 or iteration == args.num_iterations:
@@ -779,7 +838,7 @@ def train_lm(args: LMArgs) -> dict:
             eval_note = f" | eval win {metrics['eval/win_rate']:.3f}" if "eval/win_rate" in metrics else ""
             print(f"iter {iteration}/{args.num_iterations} | step {global_step} | score {metrics['charts/score']:.3f} | "
                   f"len {metrics['charts/completion_length']:.1f} | kl {metrics['losses/kl']:.4f} | K_old {metrics['losses/k_old']:.4f} | "
-                  f"alpha {alpha:.2f}{eval_note} | "
+                  f"{f'delta {delta:.4f}' if pair_shift else f'alpha {alpha:.2f}'}{eval_note} | "
                   f"{metrics['charts/SPS']:.1f} completions/s | "
                   f"ETA {format_eta((time.time() - resumed_at) / (iteration - start_iteration) * (args.num_iterations - iteration))}", flush=True)
         if stopping or (args.checkpoint_every and iteration % args.checkpoint_every == 0):

@@ -79,16 +79,28 @@ class MujocoArgs:
     """passes over each rollout batch"""
     num_minibatches: int = 8
     """minibatches per pass; each holds whole groups and makes one optimizer step"""
+    target: Literal["pair-shift", "group-softmax"] = "pair-shift"
+    """`pair-shift`: the paper's q = 1/G + delta_t A, reverse-KL fit, hinge; `group-softmax`: softmax(A / eta), dual ascent"""
+    delta0: float = 0.1
+    """pair-shift: the step delta_0, the mass a branch moves per unit of net win rate (below 1/G)"""
+    delta_decay: float = 0.999
+    """pair-shift: gamma in delta_t = delta_0 * gamma^t, t the iteration from 0 (1: fixed delta)"""
+    alpha: float = 0.5
+    """pair-shift: weight of the hinge alpha * max(K_old - trust_region_kl, 0) (0: no trust region)"""
+    trust_region_kl: float = 0.01
+    """pair-shift: the per-step KL(pi_old || pi_theta) the hinge lets through for free"""
     eps_q: float = 0.3
-    """E-step: KL(q || uniform) budget of the target over each group"""
+    """group-softmax E-step: KL(q || uniform) budget of the target over each group"""
     eps_pi: float = 0.02
-    """M-step trust region: target per-step KL(pi_old || pi_theta)"""
+    """group-softmax M-step trust region: target per-step KL(pi_old || pi_theta)"""
     alpha_init: float = 1.0
-    """initial Lagrange multiplier of the trust region"""
+    """group-softmax: initial Lagrange multiplier of the trust region"""
     lr_alpha: float = 1.0
-    """dual ascent step: alpha <- max(0, alpha + lr_alpha * (K_old - eps_pi)) after each optimizer step"""
+    """group-softmax dual ascent: alpha <- max(0, alpha + lr_alpha * (K_old - eps_pi)) after each optimizer step"""
     beta: float = 0.0
-    """weight of the k3 KL penalty to the initial policy (none by default)"""
+    """weight of the k3 KL penalty to the anchor policy (none by default)"""
+    kl_anchor: Literal["old", "ref"] = "old"
+    """the beta penalty's anchor: `old` the batch's sampling policy (the paper), `ref` the initial policy"""
     loss_aggregation: Literal["sequence", "token"] = "sequence"
     """`sequence`: mean over segments of step means; `token`: mean over all steps"""
     max_grad_norm: float = 0.5
@@ -465,7 +477,22 @@ def net_win_rate(labels: torch.Tensor, scale_by_std: bool = False) -> torch.Tens
     return advantages / (advantages.std(dim=1, keepdim=True) + 1e-4) if scale_by_std else advantages
 
 
-# ----------------------------------------------------------------------------- E-step: explicit target
+# ----------------------------------------------------------------------------- pair-shift target (the paper's)
+def pair_shift_target(advantages: torch.Tensor, delta: float) -> torch.Tensor:
+    """q_i = 1/G + delta * A_i: every labelled pair moves delta / (G-1) of mass from its rejected
+    to its preferred member, starting from the uniform sampling distribution of the group.
+    A response that wins as often as it loses keeps 1/G; positive whenever delta < 1/G."""
+    return 1.0 / advantages.shape[1] + delta * advantages
+
+
+def reverse_kl_fit(q: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Per group KL(p_theta || q), p_theta = softmax(l): the paper's direction. It stops pulling
+    once p_theta = q, so delta_t bounds how far one batch moves the group."""
+    log_p = torch.log_softmax(l, dim=1)
+    return (log_p.exp() * (log_p - torch.log(q))).sum(1)
+
+
+# ----------------------------------------------------------------------------- group-softmax target (E-step)
 def target_distribution(advantages: torch.Tensor, eps_q: float, steps: int = 40) -> tuple:
     """q = softmax(A / eta) per group, eta the smallest temperature with KL(q || uniform) <= eps_q.
 
@@ -485,7 +512,7 @@ def target_distribution(advantages: torch.Tensor, eps_q: float, steps: int = 40)
     return q.float(), torch.where(flat, torch.full_like(hi, math.inf), hi.exp()).float()
 
 
-# ----------------------------------------------------------------------------- M-step: constrained KL-fit
+# ----------------------------------------------------------------------------- the fit and the trust region
 def sequence_log_ratios(logp, old_logp, mask) -> torch.Tensor:
     """l_i = (1/T_i) sum_t (log pi_theta - log pi_old): the length-normalised sequence log-ratio."""
     return ((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -541,6 +568,11 @@ def train_mujoco(args: MujocoArgs) -> dict:
         fail("--update-epochs x --num-minibatches must be at least 2: at theta_old the fit and the trust region have no gradient")
     if args.eps_q <= 0 or args.eps_pi <= 0 or min(args.alpha_init, args.lr_alpha, args.beta) < 0:
         fail("--eps-q and --eps-pi must be positive; --alpha-init, --lr-alpha and --beta non-negative")
+    if args.target == "pair-shift" and not 0 < args.delta0 < 1 / args.group_size:
+        fail(f"--delta0 must lie in (0, 1/G) = (0, {1 / args.group_size:.4g}) for --group-size {args.group_size} "
+             f"(got {args.delta0}): the target 1/G + delta_t A_i must stay positive")
+    if not 0 < args.delta_decay <= 1 or min(args.alpha, args.trust_region_kl) < 0:
+        fail("--delta-decay must lie in (0, 1]; --alpha and --trust-region-kl must be non-negative")
     if args.num_trunks % args.num_minibatches:
         fail(f"--num-minibatches {args.num_minibatches} must divide --num-trunks {args.num_trunks} (minibatches hold whole groups)")
     seed_everything(args.seed, args.torch_deterministic)
@@ -556,7 +588,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
     reset_env.reset(seed=args.seed)
     obs_dim, act_dim = reset_env.observation_space.shape[0], reset_env.action_space.shape[0]
     policy = GaussianPolicy(obs_dim, act_dim, args.log_std_init).to(device)
-    reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 else None
+    reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 and args.kl_anchor == "ref" else None
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, eps=1e-5)
     obs_rms = RunningMeanStd(obs_dim)
     teacher_rng = torch.Generator().manual_seed(args.seed)  # the teacher's noise, apart from sampling
@@ -616,7 +648,8 @@ def train_mujoco(args: MujocoArgs) -> dict:
         obs_rms.update(batch["raw_obs"][batch["mask"] > 0])  # frozen until the next iteration
         actions, old_logp = torch.as_tensor(batch["actions"], device=device), torch.as_tensor(batch["logp"], device=device)
         mask = torch.as_tensor(batch["mask"], device=device)
-        ref_logp = reference(obs).log_prob(actions).sum(-1) if reference is not None else None
+        # the beta penalty's anchor: the batch's sampling policy (the paper) or the initial policy
+        anchor_logp = reference(obs).log_prob(actions).sum(-1) if reference is not None else old_logp
         with torch.no_grad():  # pi_old's Gaussians, for the exact trust-region KL
             old_dist = policy(obs)
 
@@ -641,13 +674,16 @@ def train_mujoco(args: MujocoArgs) -> dict:
                                 args.teacher_flip_prob, args.teacher_tie_margin, teacher_rng)
         queries += N * G * (G - 1) // 2
 
-        # ---- advantages: net win rate within each group; E-step: the target it defines
+        # ---- advantages: net win rate within each group; the explicit target over the group it defines
         advantages = net_win_rate(labels)
-        q, eta = target_distribution(advantages, args.eps_q)
-        q = q.to(device)
+        delta = args.delta0 * args.delta_decay ** (iteration - 1)  # the dynamic step, t = iteration - 1
+        pair_shift = args.target == "pair-shift"
+        q, eta = (pair_shift_target(advantages, delta), None) if pair_shift else target_distribution(advantages, args.eps_q)
+        q, fit_to_target = q.to(device), reverse_kl_fit if pair_shift else kl_to_target
 
-        # ---- M-step: KL(q || p_theta) + alpha * K_old + beta * K_ref, over minibatches of whole groups
-        stats = {"fit": 0.0, "k_old": 0.0, "kl": 0.0}
+        # ---- fit: KL(p_theta || q) + alpha * max(K_old - trust_region_kl, 0) (pair-shift) or
+        # KL(q || p_theta) + alpha_t * K_old (group-softmax), + beta * KL to the anchor; minibatches of whole groups
+        stats = {"fit": 0.0, "k_old": 0.0, "kl": 0.0, "grad_norm": 0.0, "hinge_active": 0.0}
         num_updates = 0
         for epoch in range(args.update_epochs):
             for groups in np.array_split(np.random.permutation(N), args.num_minibatches):
@@ -656,16 +692,19 @@ def train_mujoco(args: MujocoArgs) -> dict:
                 dist = policy(obs[rows])
                 logp = dist.log_prob(actions[rows]).sum(-1)
                 ratios = sequence_log_ratios(logp, old_logp[rows], mask[rows]).view(-1, G)
-                fit = kl_to_target(q.view(-1)[rows].view(-1, G), ratios).mean()
+                fit = fit_to_target(q.view(-1)[rows].view(-1, G), ratios).mean()
                 k_old = (weights * gaussian_kl(old_dist.mean[rows], old_dist.stddev[rows], dist.mean, dist.stddev)).sum()
-                kl = (weights * k3_kl(logp, ref_logp[rows])).sum() if reference is not None else torch.zeros(())
-                loss = fit + alpha * k_old + args.beta * kl  # alpha is held constant inside the loss
+                kl = (weights * k3_kl(logp, anchor_logp[rows])).sum() if args.beta > 0 else torch.zeros(())
+                # pair-shift: the hinge on K_old; group-softmax: the dual multiplier, held constant inside the loss
+                trust = args.alpha * torch.relu(k_old - args.trust_region_kl) if pair_shift else alpha * k_old
+                loss = fit + trust + args.beta * kl
                 optimizer.zero_grad()
                 loss.backward()
                 num_updates += 1
                 stats["fit"] += fit.item()
                 stats["k_old"] += k_old.item()
                 stats["kl"] += kl.item()
+                stats["hinge_active"] += float(k_old.item() > args.trust_region_kl)
                 # A non-finite loss or gradient skips the step instead of poisoning the weights
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 if not torch.isfinite(grad_norm):
@@ -675,20 +714,25 @@ def train_mujoco(args: MujocoArgs) -> dict:
                              f"checkpoint in {checkpoint()}. Lower --learning-rate, then --resume it")
                     continue
                 nonfinite_in_a_row = 0
+                stats["grad_norm"] += grad_norm.item()  # before clipping
                 optimizer.step()
-                alpha = dual_ascent(alpha, k_old.item(), args.eps_pi, args.lr_alpha)
+                if not pair_shift:
+                    alpha = dual_ascent(alpha, k_old.item(), args.eps_pi, args.lr_alpha)
         train_time += time.time() - tick
 
         # ---- logging (SPS counts training time only, evaluation excluded)
         metrics = {"charts/SPS": global_step / train_time, "charts/learning_rate": optimizer.param_groups[0]["lr"],
                    "charts/preference_queries": queries, "charts/label_agreement": label_agreement(labels, scores.view(N, G)),
-                   "charts/alpha": alpha, "charts/eta": eta[eta.isfinite()].mean().item() if eta.isfinite().any() else 0.0,
                    "charts/kl_q_uniform": (torch.xlogy(q, q).sum(1) + math.log(G)).mean().item(),
                    "charts/chi2_q_uniform": (G * (q**2).sum(1) - 1).mean().item(),
                    "charts/segment_return": batch["scores"].mean(), "charts/segment_length": batch["lengths"].mean(),
                    "losses/entropy": policy(obs[:1]).entropy().sum(-1).mean().item(),
                    "losses/log_std": policy.log_std.mean().item(), "charts/nonfinite_skipped_steps": nonfinite,
-                   **{f"losses/{k}": v / num_updates for k, v in stats.items()}}
+                   **{f"losses/{k}": v / num_updates for k, v in stats.items() if k != "hinge_active"}}
+        if pair_shift:
+            metrics.update({"charts/delta": delta, "charts/hinge_active": stats["hinge_active"] / num_updates})
+        else:
+            metrics.update({"charts/alpha": alpha, "charts/eta": eta[eta.isfinite()].mean().item() if eta.isfinite().any() else 0.0})
         last = global_step >= args.total_timesteps
         if iteration % args.eval_every == 0 or last:
             video = os.path.join("videos", run_name) if args.capture_video and last else None
@@ -699,7 +743,8 @@ def train_mujoco(args: MujocoArgs) -> dict:
         if "eval/episodic_return" in metrics:
             train_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
             print(f"iter {iteration} | step {global_step}/{args.total_timesteps} | episodic return {train_return} | "
-                  f"eval return {metrics['eval/episodic_return']:.1f} | K_old {metrics['losses/k_old']:.4f} | alpha {alpha:.2f} | SPS {metrics['charts/SPS']:.0f} | "
+                  f"eval return {metrics['eval/episodic_return']:.1f} | K_old {metrics['losses/k_old']:.4f} | "
+                  f"{f'delta {delta:.4f}' if pair_shift else f'alpha {alpha:.2f}'} | SPS {metrics['charts/SPS']:.0f} | "
                   f"ETA {format_eta((args.total_timesteps - global_step) / metrics['charts/SPS'])}", flush=True)
         if stop.signum or (args.checkpoint_every and iteration % args.checkpoint_every == 0):
             folder = checkpoint()

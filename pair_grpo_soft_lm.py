@@ -88,8 +88,10 @@ class LMArgs:
     """lower clip range of the ratio (1 - eps_low)"""
     clip_eps_high: float = 0.2
     """upper clip range of the ratio (1 + eps_high)"""
-    beta: float = 0.04
-    """weight of the k3 KL penalty to the reference policy"""
+    beta: float = 0.01
+    """weight of the k3 KL penalty to the anchor policy"""
+    kl_anchor: Literal["old", "ref"] = "old"
+    """the KL penalty's anchor: `old` the batch's sampling policy (the paper), `ref` the starting policy"""
     scale_advantages: bool = False
     """divide the net win rates by their group std (ablation: then the update tends to GRPO's)"""
     loss_aggregation: Literal["sequence", "token"] = "sequence"
@@ -658,7 +660,7 @@ def train_lm(args: LMArgs) -> dict:
         rewards = judge([train_records[batch_prompts[p]] for p in positions for _ in range(G)], batch["texts"])  # hidden
         mask = batch["mask"]
         old_logp = None if reuse_old else batched_logprobs(policy, batch, args, autocast)
-        ref_logp = batched_logprobs(reference, batch, args, autocast) if args.beta > 0 else None
+        ref_logp = batched_logprobs(reference, batch, args, autocast) if args.beta > 0 and args.kl_anchor == "ref" else None
         global_step += batch_groups * G
 
         # ---- teacher: labels for all G(G-1)/2 pairs of each group; the learner sees only these
@@ -670,7 +672,7 @@ def train_lm(args: LMArgs) -> dict:
         advantages = net_win_rate(labels, args.scale_advantages).view(-1).to(device)
 
         # ---- loss: clipped surrogate minus beta * k3 KL, over minibatches of whole groups
-        stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0}
+        stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
         num_updates = 0
         for epoch in range(args.update_epochs):
             for groups in np.array_split(shared_rng.permutation(local_groups), args.num_minibatches):
@@ -689,7 +691,7 @@ def train_lm(args: LMArgs) -> dict:
                                                   mask.shape[1], args.temperature)
                         old = logp.detach() if reuse_old else old_logp[idx]
                         surrogate, clipped = clipped_surrogate(logp, old, advantages[idx, None], args.clip_eps_low, args.clip_eps_high)
-                        kl = k3_kl(logp, ref_logp[idx]) if args.beta > 0 else torch.zeros_like(logp)
+                        kl = k3_kl(logp, old if args.kl_anchor == "old" else ref_logp[idx]) if args.beta > 0 else torch.zeros_like(logp)
                         loss = -(w * (surrogate - args.beta * kl)).sum()
                         loss.backward()
                     stats["policy_loss"] += -(w * surrogate).sum().item()
@@ -709,6 +711,7 @@ def train_lm(args: LMArgs) -> dict:
                              f"checkpoint in {folder}. Lower --learning-rate or check the rewards, then --resume it")
                     continue
                 nonfinite_in_a_row = 0
+                stats["grad_norm"] += grad_norm.item()  # before clipping
                 optimizer.step()
 
         # ---- logging (rank 0 logs the whole batch)

@@ -81,7 +81,9 @@ class MujocoArgs:
     clip_eps_high: float = 0.2
     """upper clip range of the ratio (1 + eps_high)"""
     beta: float = 0.0
-    """weight of the k3 KL penalty to the initial policy (none by default)"""
+    """weight of the k3 KL penalty to the anchor policy (none by default)"""
+    kl_anchor: Literal["old", "ref"] = "old"
+    """the KL penalty's anchor: `old` the batch's sampling policy (the paper), `ref` the initial policy"""
     scale_advantages: bool = False
     """divide the net win rates by their group std (ablation: then the update tends to GRPO's)"""
     loss_aggregation: Literal["sequence", "token"] = "sequence"
@@ -513,7 +515,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
     reset_env.reset(seed=args.seed)
     obs_dim, act_dim = reset_env.observation_space.shape[0], reset_env.action_space.shape[0]
     policy = GaussianPolicy(obs_dim, act_dim, args.log_std_init).to(device)
-    reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 else None
+    reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 and args.kl_anchor == "ref" else None
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, eps=1e-5)
     obs_rms = RunningMeanStd(obs_dim)
     teacher_rng = torch.Generator().manual_seed(args.seed)  # the teacher's noise, apart from sampling
@@ -600,7 +602,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
         advantages = net_win_rate(labels, args.scale_advantages).view(-1).to(device)
 
         # ---- loss: clipped surrogate (minus beta * k3 KL), over minibatches of whole groups
-        stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
+        stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "grad_norm": 0.0}
         num_updates = 0
         for epoch in range(args.update_epochs):
             for groups in np.array_split(np.random.permutation(N), args.num_minibatches):
@@ -608,7 +610,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
                 weights = loss_weights(mask[rows], args.loss_aggregation)
                 logp = policy(obs[rows]).log_prob(actions[rows]).sum(-1)
                 surrogate, clipped = clipped_surrogate(logp, old_logp[rows], advantages[rows, None], args.clip_eps_low, args.clip_eps_high)
-                kl = k3_kl(logp, ref_logp[rows]) if reference is not None else torch.zeros_like(logp)
+                kl = k3_kl(logp, old_logp[rows] if args.kl_anchor == "old" else ref_logp[rows]) if args.beta > 0 else torch.zeros_like(logp)
                 loss = -(weights * (surrogate - args.beta * kl)).sum()
                 optimizer.zero_grad()
                 loss.backward()
@@ -626,6 +628,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
                              f"checkpoint in {checkpoint()}. Lower --learning-rate, then --resume it")
                     continue
                 nonfinite_in_a_row = 0
+                stats["grad_norm"] += grad_norm.item()  # before clipping
                 optimizer.step()
         train_time += time.time() - tick
 

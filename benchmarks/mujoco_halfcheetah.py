@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALGOS = {  # name -> command prefix; extra flags go through --extra
     "grpo": ["grpo_baseline.py", "mujoco"],
     "soft": ["pair_grpo_soft_mujoco.py"],
-    "hard": ["pair_grpo_hard_mujoco.py"],
+    "hard": ["pair_grpo_hard_mujoco.py"],  # the paper's pair-shift target
+    "hard_group_softmax": ["pair_grpo_hard_mujoco.py", "--target", "group-softmax"],  # our first target (spec 4.3)
     "sb3_ppo": ["benchmarks/sb3_ppo.py"],  # the peer: Stable-Baselines3 PPO, RL Zoo hyperparameters
 }
 ANCHOR = 1443  # CleanRL ppo_continuous_action, HalfCheetah-v4, 1M steps: 1442.64 +- 46.03

@@ -1,4 +1,4 @@
-"""Spec 4.1: the properties of Hard-Pair-GRPO, against autograd or exact values."""
+"""Spec 4.3: the properties of the group-softmax target (`--target group-softmax`), against autograd or exact values."""
 import math
 import os
 
@@ -107,8 +107,11 @@ def test_dual_ascent_rises_above_and_falls_below_the_trust_region():
     assert alpha == 0.0
 
 
+GROUP_SOFTMAX = {"target": "group-softmax", "beta": 0.04, "kl_anchor": "ref"}  # the configuration it was measured in
+
+
 def run(tmp_path, **overrides):
-    summary = hard.train_lm(hard.LMArgs(output_dir=str(tmp_path), **overrides))
+    summary = hard.train_lm(hard.LMArgs(output_dir=str(tmp_path), **GROUP_SOFTMAX, **overrides))
     return summary, scalars(os.path.join(str(tmp_path), summary["run_name"]))
 
 
@@ -144,7 +147,7 @@ def test_gaussian_kl_is_exact():
 def test_mujoco_smoke_run_logs_the_hard_quantities(tmp_path, teacher):
     import pair_grpo_hard_mujoco as hard_mj
 
-    args = hard_mj.MujocoArgs(output_dir=str(tmp_path), num_trunks=2, group_size=4, segment_length=16, num_minibatches=2,
+    args = hard_mj.MujocoArgs(output_dir=str(tmp_path), target="group-softmax", num_trunks=2, group_size=4, segment_length=16, num_minibatches=2,
                               update_epochs=2, total_timesteps=1024, eval_every=100, num_eval_episodes=1, teacher=teacher)
     summary = hard_mj.train_mujoco(args)
     logged = scalars(os.path.join(str(tmp_path), summary["run_name"]))

@@ -99,6 +99,7 @@ def test_mujoco_policy_and_statistics_agree():
                                   "left_pad", "teacher_labels", "net_win_rate", "label_agreement", "snapshot",
                                   "restore", "branched_rollout", "RunningMeanStd", "GaussianPolicy", "fail",
                                   "target_distribution", "sequence_log_ratios", "kl_to_target", "dual_ascent",
+                                  "pair_shift_target", "reverse_kl_fit",
                                   "sampling_seed", "GumbelSampler", "sample_completions", "setup_distributed", "all_sum",
                                   "all_gather", "StopSignal", "save_checkpoint", "load_checkpoint", "make_writer",
                                   "Branches", "WorkerBranches", "branch_worker"])
