@@ -1,6 +1,6 @@
 """GRPO with scalar rewards: the baseline of the Pair-GRPO family.
 
-Our formulation of the method (docs/ and ../shared/spec/pair-grpo.md, section 2):
+The method as docs/formulation.md (section 2) writes it down:
 sample a group of G completions per prompt, score each with a reward model, normalise
 the scores within the group into advantages, and maximise a PPO-style clipped surrogate
 with a k3 KL penalty to the frozen starting policy. No value network.

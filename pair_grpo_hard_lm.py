@@ -1,11 +1,14 @@
 """Hard-Pair-GRPO for language models: an explicit target over each group, fitted under a trust region.
 
-Our formulation of the method (docs/ and ../shared/spec/pair-grpo.md, section 4): a
-teacher labels every pair of a group's G completions; their net win rates define an
-explicit target distribution q over the group (E-step: the best re-weighting within
-KL(q || uniform) <= eps_q); the policy's group-restricted probabilities are fitted to q
-(M-step: KL(q || p_theta), no clipping) while a Lagrange multiplier holds the per-token
-KL(pi_old || pi_theta) near eps_pi (projected dual ascent: the dynamic step size).
+The paper's definition, read over a group as docs/formulation.md (section 4.1) writes it
+down: a teacher labels every pair of a group's G completions; each labelled pair moves
+delta_t / (G-1) of probability from its rejected to its preferred completion, so the
+target is q_i = 1/G + delta_t * A_i (A: net win rate) with a decaying step
+delta_t = delta_0 * gamma^t; the policy's group-restricted probabilities p_theta are
+fitted by KL(p_theta || q), no clipping, with a hinge alpha * max(K_old - trust_region_kl, 0)
+on the per-token KL(pi_old || pi_theta). `--target group-softmax` is our earlier
+MPO-style target (section 4.2): softmax(A / eta) within a KL budget, fitted by
+KL(q || p_theta) under a dual-ascent multiplier.
 
     python pair_grpo_hard_lm.py         # offline tiny task: random 2-layer Llama, CPU, ~1 min
     python pair_grpo_hard_lm.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \

@@ -1,12 +1,14 @@
 """Hard-Pair-GRPO for MuJoCo: an explicit target over each group of branches, fitted under a trust region.
 
-Our formulation of the method (docs/ and ../shared/spec/pair-grpo.md, sections 4 and 6):
-restore each trunk's simulator state into G branches and run each H steps; a teacher
-labels every pair of branches; their net win rates define an explicit target q over the
-group (E-step: the best re-weighting within KL(q || uniform) <= eps_q); the policy's
-group-restricted probabilities of the segments are fitted to q (M-step: KL(q || p_theta),
-no clipping) while a Lagrange multiplier holds the per-step KL(pi_old || pi_theta),
-exact for diagonal Gaussians, near eps_pi (projected dual ascent). No critic.
+The paper's definition, read over a group as docs/formulation.md (sections 4.1 and 6)
+writes it down: restore each trunk's simulator state into G branches and run each H
+steps; a teacher labels every pair of branches; each labelled pair moves delta_t / (G-1)
+of probability from its rejected to its preferred branch, so the target is
+q_i = 1/G + delta_t * A_i (A: net win rate), delta_t = delta_0 * gamma^t; the policy's
+group-restricted probabilities of the segments are fitted by KL(p_theta || q), no
+clipping, with a hinge alpha * max(K_old - trust_region_kl, 0) on the per-step
+KL(pi_old || pi_theta), exact for diagonal Gaussians. No critic. `--target group-softmax`:
+our earlier MPO-style target (section 4.2) under a dual-ascent multiplier.
 
     python pair_grpo_hard_mujoco.py                        # HalfCheetah-v4, 1M steps
     python pair_grpo_hard_mujoco.py --teacher mistake --teacher-flip-prob 0.1

@@ -1,9 +1,10 @@
 """Soft-Pair-GRPO for language models: GRPO driven by pairwise preference labels only.
 
-Our formulation of the method (docs/ and ../shared/spec/pair-grpo.md, section 3):
-sample a group of G completions per prompt; a teacher compares every pair and returns
-binary labels (never scores); each completion's advantage is its net win rate in the
-group; the clipped surrogate and the k3 KL penalty of GRPO stay exactly as they are.
+The method as docs/formulation.md (section 3) writes it down: sample a group of G
+completions per prompt; a teacher compares every pair and returns binary labels (never
+scores); each completion's advantage is its net win rate in the group; GRPO's clipped
+surrogate stays as it is, and the k3 KL penalty is anchored at the batch's sampling
+policy with beta 0.01, as the paper's body defines it (`--kl-anchor ref`: GRPO's).
 
     python pair_grpo_soft_lm.py         # offline tiny task: random 2-layer Llama, CPU, ~1 min
     python pair_grpo_soft_lm.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \

@@ -1,6 +1,6 @@
 """Soft-Pair-GRPO for MuJoCo: branched group rollouts judged by pairwise preferences only.
 
-Our formulation of the method (docs/ and ../shared/spec/pair-grpo.md, sections 3 and 6):
+The method as docs/formulation.md (sections 3 and 6) writes it down:
 restore each trunk's simulator state into G branches and run each H steps; a teacher
 compares the branches' segment returns pair by pair and returns binary labels (never the
 returns); each branch's advantage is its net win rate in the group, shared by all its

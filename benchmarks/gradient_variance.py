@@ -3,7 +3,8 @@ batches of the same size, compute each method's policy gradient on each, and rep
 
     normalised variance  E||g - mean g||^2 / ||mean g||^2      mean pairwise cosine
 
-for GRPO, Soft-Pair-GRPO and Hard-Pair-GRPO (two eps_q values). Every method sees the same
+for GRPO, Soft-Pair-GRPO and Hard-Pair-GRPO (the paper's pair-shift target at the script's
+default delta_0; the group-softmax target at two eps_q values). Every method sees the same
 K batches, and each gradient is taken at theta_old (the first optimizer step of an
 iteration), through the scripts' own functions; the KL-to-reference term is left out
 (beta = 0) and the pair methods use the oracle teacher.
@@ -47,6 +48,9 @@ def method_losses(logp, mask, scores, groups, G, soft, hard, eps_qs, mean_fit) -
         ratios = hard.sequence_log_ratios(logp, old, mask).view(-1, G)
         fit = hard.kl_to_target(q, ratios)
         losses[f"hard_eps_q{eps_q:g}"] = fit.mean() if mean_fit else fit.sum() / groups
+    delta0 = (hard.LMArgs() if hasattr(hard, "LMArgs") else hard.MujocoArgs()).delta0  # the paper's target, first step
+    fit = hard.reverse_kl_fit(hard.pair_shift_target(net, delta0), hard.sequence_log_ratios(logp, old, mask).view(-1, G))
+    losses[f"hard_pair_shift_delta{delta0:g}"] = fit.mean() if mean_fit else fit.sum() / groups
     return losses
 
 
