@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import grpo_baseline as gb  # noqa: E402
+import grpo_baseline_mujoco as gb  # noqa: E402
 
 
 def main():

@@ -80,18 +80,19 @@ def lm_batches(args, eps_qs):
 def mujoco_batches(args, eps_qs):
     import pair_grpo_hard_mujoco as hard
     import pair_grpo_soft_mujoco as soft
+    import grpo_baseline_mujoco as gbm
 
     with tempfile.TemporaryDirectory() as tmp:  # the fixed policy: GRPO after 200k steps
-        summary = gb.train_mujoco(gb.MujocoArgs(total_timesteps=200_000, eval_every=1000, save_model=True, output_dir=tmp))
+        summary = gbm.train_mujoco(gbm.MujocoArgs(total_timesteps=200_000, eval_every=1000, save_model=True, output_dir=tmp))
         saved = torch.load(os.path.join(tmp, summary["run_name"], "model.pt"), weights_only=False)
-    env = gb.make_mujoco_env("HalfCheetah-v4")
-    policy = gb.GaussianPolicy(env.observation_space.shape[0], env.action_space.shape[0])
+    env = gbm.make_mujoco_env("HalfCheetah-v4")
+    policy = gbm.GaussianPolicy(env.observation_space.shape[0], env.action_space.shape[0])
     policy.load_state_dict(saved["policy"])
-    obs_rms = gb.RunningMeanStd(env.observation_space.shape[0])
+    obs_rms = gbm.RunningMeanStd(env.observation_space.shape[0])
     obs_rms.mean, obs_rms.var, obs_rms.count = saved["obs_mean"], saved["obs_var"], saved["obs_count"]
     N, G = args.prompts, args.group_size
-    mj_args = gb.MujocoArgs(num_trunks=N, group_size=G)
-    branches = gb.Branches([gb.make_mujoco_env("HalfCheetah-v4").unwrapped for _ in range(N * G)], 1)
+    mj_args = gbm.MujocoArgs(num_trunks=N, group_size=G)
+    branches = gbm.Branches([gbm.make_mujoco_env("HalfCheetah-v4").unwrapped for _ in range(N * G)], 1)
     params = list(policy.parameters())
     for k in range(args.batches):
         rng = np.random.default_rng(1000 + k)
@@ -102,10 +103,10 @@ def mujoco_batches(args, eps_qs):
                 with torch.no_grad():
                     action = policy(torch.as_tensor(obs_rms.normalize(o[None]))).sample()[0].numpy()
                 o, *_ = env.step(np.clip(action, -1, 1))
-            states.append(gb.snapshot(env))
+            states.append(gbm.snapshot(env))
             obs.append(o)
         torch.manual_seed(1000 + k)
-        batch = gb.branched_rollout(policy, branches, states, np.stack(obs), np.full(N, 1000), obs_rms, mj_args, torch.device("cpu"))
+        batch = gbm.branched_rollout(policy, branches, states, np.stack(obs), np.full(N, 1000), obs_rms, mj_args, torch.device("cpu"))
         norm_obs = torch.as_tensor(obs_rms.normalize(batch["raw_obs"]))
         logp = policy(norm_obs).log_prob(torch.as_tensor(batch["actions"])).sum(-1)
         mask = torch.as_tensor(batch["mask"])

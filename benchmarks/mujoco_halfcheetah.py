@@ -25,7 +25,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALGOS = {  # name -> command prefix; extra flags go through --extra
-    "grpo": ["grpo_baseline.py", "mujoco"],
+    "grpo": ["grpo_baseline_mujoco.py"],
     "soft": ["pair_grpo_soft_mujoco.py"],
     "hard": ["pair_grpo_hard_mujoco.py"],  # the paper's pair-shift target
     "hard_group_softmax": ["pair_grpo_hard_mujoco.py", "--target", "group-softmax"],  # our first target (spec 4.3)

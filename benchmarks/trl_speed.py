@@ -1,4 +1,4 @@
-"""Speed and memory of `grpo_baseline.py lm` against TRL's GRPOTrainer on the same work:
+"""Speed and memory of `grpo_baseline.py` against TRL's GRPOTrainer on the same work:
 the same tiny model saved to disk (the random 2-layer Llama of the tiny task, ByT5 byte
 tokenizer), the same prompts, 2 prompts x 8 completions per optimizer step, 32 new tokens,
 beta 0.04, learning rate 1e-3, fp32, one thread, no gradient checkpointing, one optimizer

@@ -1,4 +1,4 @@
-"""End-to-end runs of `grpo_baseline.py lm`: learning, determinism, reward-model path, bad input."""
+"""End-to-end runs of `grpo_baseline.py`: learning, determinism, reward-model path, bad input."""
 import glob
 import json
 import os
@@ -134,7 +134,7 @@ def test_reward_model_that_is_not_a_sequence_classifier(tmp_path, tiny_policy_di
 
 
 def test_cli_prints_one_line_and_exits_non_zero(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "grpo_baseline.py"), "lm", "--group-size", "1",
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "grpo_baseline.py"), "--group-size", "1",
                            "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --group-size must be at least 2")

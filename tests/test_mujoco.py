@@ -1,4 +1,4 @@
-"""`grpo_baseline.py mujoco`: branched rollouts (spec section 6), masks, a smoke run, bad input."""
+"""`grpo_baseline_mujoco.py`: branched rollouts (spec section 6), masks, a smoke run, bad input."""
 import json
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import grpo_baseline as gb
+import grpo_baseline_mujoco as gb
 
 
 def small_args(**overrides):

@@ -1,4 +1,4 @@
-"""The five scripts copy their shared-shape pieces on purpose (each file stands alone).
+"""The six scripts copy their shared-shape pieces on purpose (each file stands alone).
 These tests keep the copies honest: the same inputs give the same outputs in every script."""
 import importlib
 import inspect
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-SCRIPTS = ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_soft_mujoco", "pair_grpo_hard_lm", "pair_grpo_hard_mujoco"]
+SCRIPTS = ["grpo_baseline", "grpo_baseline_mujoco", "pair_grpo_soft_lm", "pair_grpo_soft_mujoco", "pair_grpo_hard_lm", "pair_grpo_hard_mujoco"]
 MODULES = {}
 for name in SCRIPTS:
     try:
@@ -111,4 +111,4 @@ def test_shared_pieces_have_identical_source(name):
 
 def test_every_script_lets_the_same_flags_change_on_resume():
     sets = {n: m.RESUMABLE_ARGS for n, m in having("RESUMABLE_ARGS")}
-    assert len(sets) == 5 and all(v == sets["grpo_baseline"] for v in sets.values()), sets
+    assert len(sets) == 6 and all(v == sets["grpo_baseline"] for v in sets.values()), sets

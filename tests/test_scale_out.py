@@ -39,7 +39,7 @@ def only_run(folder) -> str:
 def test_two_gloo_ranks_end_with_the_parameters_of_one_process(tmp_path, script):
     # token aggregation and small micro-batches exercise the rank weighting and no_sync;
     # the pair scripts' default (oracle) teacher draws no noise, so the runs can agree exactly
-    flags = (["lm"] if script == "grpo_baseline.py" else []) + [
+    flags = [
         "--num-iterations", "3", "--eval-every", "3", "--update-epochs", "2", "--loss-aggregation", "token",
         "--micro-batch-size", "12", "--save-model"]
     script = os.path.join(ROOT, script)
@@ -85,7 +85,7 @@ def test_resume_refuses_a_different_run(tmp_path):
 
 def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes(tmp_path):
     script = os.path.join(ROOT, "grpo_baseline.py")
-    proc = subprocess.Popen([sys.executable, script, "lm", "--num-iterations", "1000", "--eval-every", "1000",
+    proc = subprocess.Popen([sys.executable, script, "--num-iterations", "1000", "--eval-every", "1000",
                              "--output-dir", str(tmp_path)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith("iter 1/"):
@@ -126,8 +126,8 @@ def test_repeated_nonfinite_losses_stop_with_a_checkpoint(tmp_path, monkeypatch)
 
 
 def test_mujoco_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(tmp_path):
-    script = os.path.join(ROOT, "grpo_baseline.py")
-    flags = ["mujoco", "--total-timesteps", "12000", "--num-trunks", "4", "--group-size", "4", "--num-minibatches", "2", "--eval-every", "1",
+    script = os.path.join(ROOT, "grpo_baseline_mujoco.py")
+    flags = ["--total-timesteps", "12000", "--num-trunks", "4", "--group-size", "4", "--num-minibatches", "2", "--eval-every", "1",
              "--num-eval-episodes", "1", "--save-model"]
     full = subprocess.run([sys.executable, script, *flags, "--output-dir", str(tmp_path / "full")],
                           env=ENV, capture_output=True, text=True)

@@ -1,0 +1,616 @@
+"""GRPO for MuJoCo: branched group rollouts scored by their segment returns, the family's baseline.
+
+The method as docs/formulation.md (sections 2 and 6) writes it down:
+restore each trunk's simulator state into G branches and run each H steps; each branch's
+segment return, normalised within its group, is its advantage, shared by all its steps;
+a PPO-style clipped surrogate (and, optionally, a k3 KL penalty). No critic.
+
+    python grpo_baseline_mujoco.py                         # HalfCheetah-v4, 1M steps
+    python grpo_baseline_mujoco.py --no-scale-rewards      # Dr. GRPO: no std division
+"""
+import copy
+import json
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class MujocoArgs:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = False
+    """use CUDA when available (a 64-unit MLP on a few dozen states runs faster on the CPU)"""
+    torch_threads: int = 1
+    """torch threads; one is fastest for these small batches"""
+    output_dir: str = "runs"
+    """TensorBoard logs and saved models go to `{output_dir}/{run_name}`"""
+    save_model: bool = False
+    """whether to save the policy and observation statistics into the run folder"""
+    capture_video: bool = False
+    """record the final evaluation's first episode to `videos/{run_name}` (needs a MuJoCo renderer)"""
+    checkpoint_every: int = 0
+    """write a resumable checkpoint every this many iterations (0: only when a signal or faults stop the run)"""
+    resume: Optional[str] = None
+    """a checkpoint folder (or the run folder holding one) whose run to continue"""
+    max_nonfinite_steps: int = 3
+    """a non-finite loss or gradient skips its optimizer step; this many in a row stop the run"""
+
+    # environment and branched rollouts
+    env_id: str = "HalfCheetah-v4"
+    """the id of a gymnasium MuJoCo environment (any with `set_state`)"""
+    total_timesteps: int = 1_000_000
+    """total simulated environment steps, every branch step counted"""
+    num_trunks: int = 8
+    """N: trunk environments, each the root of one group per iteration"""
+    group_size: int = 8
+    """G: branches restored from each trunk's state"""
+    segment_length: int = 16
+    """H: steps each branch runs (the episode length gives whole-episode groups)"""
+    num_workers: int = 0
+    """step the N*G branches in this many worker processes, a slice each (0: all in this process)"""
+    log_std_init: float = 0.0
+    """initial log-std of the Gaussian policy (CleanRL: 0; the RL Zoo's HalfCheetah PPO: -2)"""
+
+    # algorithm
+    learning_rate: float = 3e-4
+    """Adam learning rate"""
+    anneal_lr: bool = True
+    """linearly anneal the learning rate to 0"""
+    update_epochs: int = 5
+    """passes over each rollout batch"""
+    num_minibatches: int = 8
+    """minibatches per pass; each holds whole groups and makes one optimizer step"""
+    clip_eps_low: float = 0.3
+    """lower clip range of the ratio (1 - eps_low); 0.3 measured best on HalfCheetah (docs/grpo.md)"""
+    clip_eps_high: float = 0.3
+    """upper clip range of the ratio (1 + eps_high)"""
+    beta: float = 0.0
+    """weight of the k3 KL penalty to the anchor policy (none by default)"""
+    kl_anchor: Literal["old", "ref"] = "ref"
+    """the KL penalty's anchor: `old` the batch's sampling policy, `ref` the initial policy"""
+    scale_rewards: bool = True
+    """divide group-centred segment returns by the group std (off: Dr. GRPO)"""
+    loss_aggregation: Literal["sequence", "token"] = "sequence"
+    """`sequence`: mean over segments of step means; `token`: mean over all steps"""
+    max_grad_norm: float = 0.5
+    """gradient clipping norm"""
+
+    # evaluation
+    eval_every: int = 25
+    """evaluate (and print a progress line) every this many iterations, and after the last"""
+    num_eval_episodes: int = 3
+    """full episodes from fresh resets with the mean action, per evaluation"""
+
+
+# ----------------------------------------------------------------------------- helpers
+def fail(message: str):
+    """Bad input ends the run with one line, never a library stack trace."""
+    raise SystemExit(f"error: {message}")
+
+
+def first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+def seed_everything(seed: int, deterministic: bool):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def make_writer(args, run_dir: str, purge_step: Optional[int] = None) -> SummaryWriter:
+    """A resumed run writes on in its own folder; TensorBoard drops what it logged after the checkpoint."""
+    writer = SummaryWriter(run_dir, purge_step=purge_step)
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
+
+
+# ----------------------------------------------------------------------------- survival
+class StopSignal:
+    """SIGINT/SIGTERM ask for a stop: the loop checkpoints after the current iteration and
+    exits. A second signal stops at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping with a checkpoint after this iteration (again: stop now)", flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# A resumed run must be the run it continues: these may change, nothing else may.
+RESUMABLE_ARGS = {"resume", "checkpoint_every", "num_iterations", "total_timesteps", "eval_every", "output_dir",
+                  "cuda", "micro_batch_size", "gradient_checkpointing", "save_model", "max_nonfinite_steps"}
+
+
+def save_checkpoint(folder: str, state: dict, rank: int):
+    """Rank 0 writes the shared state, every rank its own random streams; each file is
+    written under a temporary name and renamed, so a kill mid-write leaves the old one."""
+    os.makedirs(folder, exist_ok=True)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    for name, obj in [(f"rng_rank{rank}.pt", rng)] + ([("state.pt", state)] if rank == 0 else []):
+        torch.save(obj, os.path.join(folder, name + ".tmp"))
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def load_checkpoint(path: str, args, rank: int, world: int) -> tuple:
+    """(state, checkpoint folder); restores this rank's random streams. Our own files hold
+    numpy states, hence weights_only=False: load only checkpoints you wrote."""
+    folder = path if os.path.isfile(os.path.join(path, "state.pt")) else os.path.join(path, "checkpoint")
+    if not os.path.isfile(os.path.join(folder, "state.pt")):
+        fail(f"--resume {path!r}: no checkpoint there (expected state.pt in it or in its checkpoint/ folder)")
+    state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+    differ = [k for k, v in asdict(args).items() if k not in RESUMABLE_ARGS and state["args"].get(k) != v]
+    if differ:
+        fail(f"--resume {path!r}: the run used different " + ", ".join(
+            f"--{k.replace('_', '-')} {state['args'].get(k)!r}" for k in differ) + "; pass the same values")
+    if state["world_size"] != world:
+        fail(f"--resume {path!r}: the run had {state['world_size']} ranks; launch it with {state['world_size']}, not {world}")
+    rng = torch.load(os.path.join(folder, f"rng_rank{rank}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state, folder
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ----------------------------------------------------------------------------- policy
+class RunningMeanStd:
+    """Observation statistics shared by all branches, frozen within an iteration."""
+
+    def __init__(self, shape):
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
+
+    def update(self, x: np.ndarray):
+        batch_mean, batch_var, n = x.mean(0), x.var(0), len(x)
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean = self.mean + delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        return np.clip((x - self.mean) / np.sqrt(self.var + 1e-8), -10.0, 10.0).astype(np.float32)
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class GaussianPolicy(torch.nn.Module):
+    """Diagonal Gaussian with a state-independent log-std (CleanRL's continuous PPO actor)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, log_std_init: float = 0.0):
+        super().__init__()
+        self.mean = torch.nn.Sequential(
+            layer_init(torch.nn.Linear(obs_dim, 64)), torch.nn.Tanh(),
+            layer_init(torch.nn.Linear(64, 64)), torch.nn.Tanh(),
+            layer_init(torch.nn.Linear(64, act_dim), std=0.01))
+        self.log_std = torch.nn.Parameter(torch.full((act_dim,), log_std_init))
+
+    def forward(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        mean = self.mean(obs)
+        return torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean))
+
+
+# ----------------------------------------------------------------------------- branched rollouts
+def make_mujoco_env(env_id: str, **kwargs):
+    import gymnasium as gym
+    import mujoco
+
+    # MuJoCo 4 warns at every compile that the v4 XMLs use `settotalmass`: with N*G
+    # branches that is dozens of identical lines. Every other MuJoCo warning still prints.
+    mujoco.set_mju_user_warning(lambda msg: None if "settotalmass" in msg else print(f"MuJoCo warning: {msg}", file=sys.stderr))
+    try:
+        env = gym.make(env_id, **kwargs)
+    except Exception as exc:
+        fail(f"--env-id {env_id!r}: could not make the environment ({first_line(exc)})")
+    if not hasattr(env.unwrapped, "set_state") or not hasattr(env.unwrapped, "data"):
+        fail(f"--env-id {env_id!r} is not a MuJoCo environment with set_state: branches cannot be restored")
+    return env
+
+
+def snapshot(env) -> np.ndarray:
+    """MuJoCo's integration state: qpos and qvel, and also activations and the solver's warm
+    start, without which restored branches drift apart by ~1e-15 per contact-rich step."""
+    import mujoco
+
+    model, data = env.unwrapped.model, env.unwrapped.data
+    state = np.empty(mujoco.mj_stateSize(model, mujoco.mjtState.mjSTATE_INTEGRATION))
+    mujoco.mj_getState(model, data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
+    return state
+
+
+def restore(env, state: np.ndarray):
+    import mujoco
+
+    model, data = env.unwrapped.model, env.unwrapped.data
+    mujoco.mj_setState(model, data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
+    mujoco.mj_forward(model, data)
+
+
+class Branches:
+    """The branch simulators, stepped in this process."""
+
+    def __init__(self, envs: list, seed: Optional[int] = None):
+        self.envs, self.action_space = envs, envs[0].action_space
+        for i, env in enumerate(envs if seed is not None else []):
+            env.reset(seed=seed + i)
+
+    def __len__(self):
+        return len(self.envs)
+
+    def restore(self, states: list):
+        for env, state in zip(self.envs, states):
+            restore(env, state)
+
+    def step(self, actions: np.ndarray, active: np.ndarray) -> tuple:
+        """Steps the active branches; the other rows of (obs, rewards, terminated) are zeros."""
+        obs = np.zeros((len(self.envs), self.envs[0].observation_space.shape[0]))
+        rewards, terminated = np.zeros(len(self.envs)), np.zeros(len(self.envs), dtype=bool)
+        for i in np.flatnonzero(active):
+            obs[i], rewards[i], terminated[i], _, _ = self.envs[i].step(actions[i])
+        return obs, rewards, terminated
+
+    def snapshot(self, i: int) -> np.ndarray:
+        return snapshot(self.envs[i])
+
+    def close(self):
+        pass
+
+
+def branch_worker(conn, env_id: str, num_branches: int, seed: int):
+    """A worker process: owns a slice of the branches and runs the calls it is sent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    branches = Branches([make_mujoco_env(env_id).unwrapped for _ in range(num_branches)], seed)
+    while True:
+        method, call_args = conn.recv()
+        if method == "close":
+            return
+        conn.send(getattr(branches, method)(*call_args))
+
+
+class WorkerBranches:
+    """The same branches split into contiguous slices over worker processes, so several
+    cores step them at once; each step is one message per worker. Results are identical."""
+
+    def __init__(self, env_id: str, num_branches: int, seed: int, num_workers: int):
+        self.action_space = make_mujoco_env(env_id).action_space
+        self.slices = np.array_split(np.arange(num_branches), num_workers)
+        self.num_branches, self.conns = num_branches, []
+        context = multiprocessing.get_context("fork")  # workers never touch torch
+        for part in self.slices:
+            conn, child = context.Pipe()
+            context.Process(target=branch_worker, args=(child, env_id, len(part), seed + int(part[0])), daemon=True).start()
+            child.close()
+            self.conns.append(conn)
+
+    def __len__(self):
+        return self.num_branches
+
+    def call(self, method: str, per_worker_args: list) -> list:
+        for conn, call_args in zip(self.conns, per_worker_args):
+            conn.send((method, call_args))
+        try:
+            return [conn.recv() for conn in self.conns]
+        except EOFError:
+            fail("a branch worker process died (see its error above); rerun with --num-workers 0 to see it here")
+
+    def restore(self, states: list):
+        self.call("restore", [([states[i] for i in part],) for part in self.slices])
+
+    def step(self, actions: np.ndarray, active: np.ndarray) -> tuple:
+        parts = self.call("step", [(actions[part], active[part]) for part in self.slices])
+        return tuple(np.concatenate(column) for column in zip(*parts))
+
+    def snapshot(self, i: int) -> np.ndarray:
+        w = next(w for w, part in enumerate(self.slices) if part[0] <= i <= part[-1])
+        self.conns[w].send(("snapshot", (i - int(self.slices[w][0]),)))
+        return self.conns[w].recv()
+
+    def close(self):
+        for conn in self.conns:
+            conn.send(("close", ()))
+
+
+@torch.no_grad()
+def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_rms, args, device) -> dict:
+    """Restore each trunk's state into its G branches and step all N*G of them H steps.
+
+    A branch stops at termination or at its trunk's time limit; later steps are masked.
+    """
+    G, H = args.group_size, args.segment_length
+    B = len(branches)
+    branches.restore([trunk_states[i // G] for i in range(B)])
+    obs = np.repeat(trunk_obs, G, axis=0)
+    limit = np.repeat(np.minimum(steps_left, H), G)
+    raw_obs = np.zeros((B, H, obs.shape[1]))
+    actions = np.zeros((B, H, branches.action_space.shape[0]), dtype=np.float32)
+    logp, rewards, mask = np.zeros((B, H), np.float32), np.zeros((B, H)), np.zeros((B, H), np.float32)
+    terminated = np.zeros(B, dtype=bool)
+    low, high = branches.action_space.low, branches.action_space.high
+    for t in range(H):
+        active = ~terminated & (t < limit)
+        if not active.any():
+            break
+        dist = policy(torch.as_tensor(obs_rms.normalize(obs), device=device))
+        action = dist.sample()  # log-probs of the unclipped sample; clipping lives in the env
+        mask[:, t] = active
+        raw_obs[active, t], actions[active, t] = obs[active], action.cpu().numpy()[active]
+        logp[active, t] = dist.log_prob(action).sum(-1).cpu().numpy()[active]
+        step_obs, step_rewards, step_terminated = branches.step(np.clip(actions[:, t], low, high), active)
+        obs[active], rewards[active, t], terminated[active] = step_obs[active], step_rewards[active], step_terminated[active]
+    return {"raw_obs": raw_obs, "actions": actions, "logp": logp, "mask": mask, "rewards": rewards, "scores": rewards.sum(1),
+            "end_obs": obs, "terminated": terminated, "lengths": mask.sum(1).astype(int)}
+
+
+@torch.no_grad()
+def evaluate_mujoco(policy, obs_rms, args, num_episodes: int, seed: int, device, video_folder=None) -> list:
+    """Full episodes from fresh resets, acting with the mean action."""
+    envs = [make_mujoco_env(args.env_id, render_mode="rgb_array" if video_folder and i == 0 else None)
+            for i in range(num_episodes)]
+    if video_folder:
+        import gymnasium as gym
+
+        try:
+            envs[0] = gym.wrappers.RecordVideo(envs[0], video_folder, episode_trigger=lambda _: True)
+        except Exception as exc:
+            fail(f"--capture-video: cannot record ({first_line(exc)})")
+    obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
+    returns, done = np.zeros(num_episodes), np.zeros(num_episodes, dtype=bool)
+    while not done.all():
+        mean_action = policy(torch.as_tensor(obs_rms.normalize(obs), device=device)).mean.cpu().numpy()
+        for i in np.flatnonzero(~done):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(np.clip(mean_action[i], envs[i].action_space.low, envs[i].action_space.high))
+            returns[i] += reward
+            done[i] = terminated or truncated
+    for env in envs:
+        env.close()
+    return returns.tolist()
+
+
+# ----------------------------------------------------------------------------- advantages
+def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True) -> torch.Tensor:
+    """rewards [groups, G] -> (r - mean) / (std + 1e-4); an all-equal group gives zeros."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    return centred / (rewards.std(dim=1, keepdim=True) + 1e-4) if scale_by_std else centred
+
+
+# ----------------------------------------------------------------------------- loss
+def clipped_surrogate(logp, old_logp, advantages, eps_low: float, eps_high: float) -> tuple:
+    """Per-token min(rho A, clip(rho) A); also returns where the clip is active."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped, clipped = ratio * advantages, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages
+    return torch.minimum(unclipped, clipped), (clipped < unclipped).float()
+
+
+def k3_kl(logp, ref_logp) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Per-token weights whose weighted sum is the minibatch's aggregate; micro-batches then sum exactly."""
+    if aggregation == "sequence":  # mean over sequences of each sequence's token mean
+        return mask / mask.sum(1, keepdim=True).clamp(min=1) / mask.shape[0]
+    return mask / mask.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- training loop
+def train_mujoco(args: MujocoArgs) -> dict:
+    if args.group_size < 2:
+        fail(f"--group-size must be at least 2 (got {args.group_size}): a group of one has no comparison")
+    for flag, value in [("--num-trunks", args.num_trunks), ("--segment-length", args.segment_length),
+                        ("--update-epochs", args.update_epochs), ("--num-minibatches", args.num_minibatches),
+                        ("--eval-every", args.eval_every), ("--num-eval-episodes", args.num_eval_episodes),
+                        ("--total-timesteps", args.total_timesteps), ("--torch-threads", args.torch_threads),
+                        ("--max-nonfinite-steps", args.max_nonfinite_steps)]:
+        if value < 1:
+            fail(f"{flag} must be at least 1 (got {value})")
+    if args.checkpoint_every < 0:
+        fail(f"--checkpoint-every must be 0 (off) or positive (got {args.checkpoint_every})")
+    if not 0 <= args.num_workers <= args.num_trunks * args.group_size:
+        fail(f"--num-workers must lie in [0, N*G = {args.num_trunks * args.group_size}] (got {args.num_workers})")
+    if args.num_trunks % args.num_minibatches:
+        fail(f"--num-minibatches {args.num_minibatches} must divide --num-trunks {args.num_trunks} (minibatches hold whole groups)")
+    seed_everything(args.seed, args.torch_deterministic)
+    torch.set_num_threads(args.torch_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    N, G, H = args.num_trunks, args.group_size, args.segment_length
+    reset_env = make_mujoco_env(args.env_id)
+    max_steps = reset_env.spec.max_episode_steps or 1000
+    # the trunk keeps the clock, so branches are unwrapped simulators
+    branches = (WorkerBranches(args.env_id, N * G, args.seed + 1, args.num_workers) if args.num_workers else
+                Branches([make_mujoco_env(args.env_id).unwrapped for _ in range(N * G)], args.seed + 1))
+    reset_env.reset(seed=args.seed)
+    obs_dim, act_dim = reset_env.observation_space.shape[0], reset_env.action_space.shape[0]
+    policy = GaussianPolicy(obs_dim, act_dim, args.log_std_init).to(device)
+    reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 and args.kl_anchor == "ref" else None
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, eps=1e-5)
+    obs_rms = RunningMeanStd(obs_dim)
+
+    def new_episode():
+        obs, _ = reset_env.reset()
+        return snapshot(reset_env), obs
+
+    trunk_states, trunk_obs = map(list, zip(*[new_episode() for _ in range(N)]))
+    trunk_obs = np.stack(trunk_obs)
+    trunk_t, trunk_return = np.zeros(N, dtype=int), np.zeros(N)
+    global_step, iteration, train_time, recent_returns, eval_returns, nonfinite = 0, 0, 0.0, [], [], 0
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    if args.resume:  # everything the next iteration reads: weights, statistics, trunks, clocks, random streams
+        state, folder = load_checkpoint(args.resume, args, 0, 1)
+        policy.load_state_dict(state["policy"])
+        optimizer.load_state_dict(state["optimizer"])
+        if reference is not None:
+            reference.load_state_dict(state["reference"])
+        obs_rms.mean, obs_rms.var, obs_rms.count = state["obs_rms"]
+        reset_env.unwrapped.np_random.bit_generator.state = state["reset_rng"]
+        (trunk_states, trunk_obs, trunk_t, trunk_return, global_step, iteration, train_time, recent_returns,
+         eval_returns, nonfinite) = (state[k] for k in (
+            "trunk_states", "trunk_obs", "trunk_t", "trunk_return", "global_step", "iteration", "train_time",
+            "recent_returns", "eval_returns", "nonfinite"))
+        run_dir = os.path.dirname(os.path.abspath(folder))  # the run continues in its own folder
+        run_name = os.path.basename(run_dir)
+    writer = make_writer(args, run_dir, purge_step=global_step + 1 if args.resume else None)
+    stop, nonfinite_in_a_row = StopSignal(), 0
+
+    def checkpoint() -> str:
+        folder = os.path.join(run_dir, "checkpoint")
+        save_checkpoint(folder, {
+            "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+            "reference": reference.state_dict() if reference is not None else None,
+            "obs_rms": (obs_rms.mean, obs_rms.var, obs_rms.count), "reset_rng": reset_env.unwrapped.np_random.bit_generator.state,
+            "trunk_states": trunk_states, "trunk_obs": trunk_obs, "trunk_t": trunk_t, "trunk_return": trunk_return,
+            "global_step": global_step, "iteration": iteration, "train_time": train_time, "recent_returns": recent_returns,
+            "eval_returns": eval_returns, "nonfinite": nonfinite, "world_size": 1, "args": asdict(args)}, 0)
+        return folder
+
+    print(f"{run_name}: N={N} trunks x G={G} branches x H={H} steps per iteration on {device}"
+          + (f", resumed at step {global_step}" if args.resume else ""))
+    while global_step < args.total_timesteps:
+        iteration += 1
+        tick = time.time()
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_timesteps)
+
+        # ---- rollout: G branches from each trunk's state, H steps, one batched forward per step
+        batch = branched_rollout(policy, branches, trunk_states, trunk_obs, max_steps - trunk_t, obs_rms, args, device)
+        global_step += int(batch["lengths"].sum())
+        obs = torch.as_tensor(obs_rms.normalize(batch["raw_obs"]), device=device)
+        obs_rms.update(batch["raw_obs"][batch["mask"] > 0])  # frozen until the next iteration
+        actions, old_logp = torch.as_tensor(batch["actions"], device=device), torch.as_tensor(batch["logp"], device=device)
+        mask = torch.as_tensor(batch["mask"], device=device)
+        ref_logp = reference(obs).log_prob(actions).sum(-1) if reference is not None else None
+
+        # ---- trunks continue from one uniformly chosen branch; episodes end at termination or the time limit
+        for n in range(N):
+            i = n * G + np.random.randint(G)
+            trunk_return[n] += batch["scores"][i]
+            trunk_t[n] += batch["lengths"][i]
+            if batch["terminated"][i] or trunk_t[n] >= max_steps:
+                writer.add_scalar("charts/episodic_return", trunk_return[n], global_step)
+                writer.add_scalar("charts/episodic_length", trunk_t[n], global_step)
+                recent_returns = (recent_returns + [trunk_return[n]])[-20:]
+                (trunk_states[n], trunk_obs[n]), trunk_t[n], trunk_return[n] = new_episode(), 0, 0.0
+            else:
+                trunk_states[n], trunk_obs[n] = branches.snapshot(i), batch["end_obs"][i]
+
+        # ---- advantages: normalised within each group, shared by every step of a segment
+        scores = torch.as_tensor(batch["scores"], dtype=torch.float32, device=device)
+        advantages = group_advantages(scores.view(N, G), args.scale_rewards).view(-1)
+
+        # ---- loss: clipped surrogate (minus beta * k3 KL), over minibatches of whole groups
+        stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "grad_norm": 0.0}
+        num_updates = 0
+        for epoch in range(args.update_epochs):
+            for groups in np.array_split(np.random.permutation(N), args.num_minibatches):
+                rows = torch.from_numpy((groups[:, None] * G + np.arange(G)).reshape(-1)).to(device)
+                weights = loss_weights(mask[rows], args.loss_aggregation)
+                logp = policy(obs[rows]).log_prob(actions[rows]).sum(-1)
+                surrogate, clipped = clipped_surrogate(logp, old_logp[rows], advantages[rows, None], args.clip_eps_low, args.clip_eps_high)
+                kl = k3_kl(logp, old_logp[rows] if args.kl_anchor == "old" else ref_logp[rows]) if args.beta > 0 else torch.zeros_like(logp)
+                loss = -(weights * (surrogate - args.beta * kl)).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                num_updates += 1
+                stats["policy_loss"] += -(weights * surrogate).sum().item()
+                stats["kl"] += (weights * kl).sum().item()
+                stats["clipfrac"] += (weights * clipped).sum().item()
+                stats["approx_kl"] += (weights * k3_kl(old_logp[rows], logp.detach())).sum().item()
+                # A non-finite loss or gradient skips the step instead of poisoning the weights
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    nonfinite, nonfinite_in_a_row = nonfinite + 1, nonfinite_in_a_row + 1
+                    if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                        fail(f"{nonfinite_in_a_row} non-finite losses or gradients in a row at step {global_step}; "
+                             f"checkpoint in {checkpoint()}. Lower --learning-rate, then --resume it")
+                    continue
+                nonfinite_in_a_row = 0
+                stats["grad_norm"] += grad_norm.item()  # before clipping
+                optimizer.step()
+        train_time += time.time() - tick
+
+        # ---- logging (SPS counts training time only, evaluation excluded)
+        metrics = {"charts/SPS": global_step / train_time, "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                   "charts/segment_return": batch["scores"].mean(), "charts/segment_length": batch["lengths"].mean(),
+                   "losses/entropy": policy(obs[:1]).entropy().sum(-1).mean().item(),
+                   "losses/log_std": policy.log_std.mean().item(), "charts/nonfinite_skipped_steps": nonfinite,
+                   **{f"losses/{k}": v / num_updates for k, v in stats.items()}}
+        last = global_step >= args.total_timesteps
+        if iteration % args.eval_every == 0 or last:
+            video = os.path.join("videos", run_name) if args.capture_video and last else None
+            eval_returns = evaluate_mujoco(policy, obs_rms, args, args.num_eval_episodes, args.seed + 10_000 * iteration, device, video)
+            metrics["eval/episodic_return"] = float(np.mean(eval_returns))
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, global_step)
+        if "eval/episodic_return" in metrics:
+            train_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
+            print(f"iter {iteration} | step {global_step}/{args.total_timesteps} | episodic return {train_return} | "
+                  f"eval return {metrics['eval/episodic_return']:.1f} | SPS {metrics['charts/SPS']:.0f} | "
+                  f"ETA {format_eta((args.total_timesteps - global_step) / metrics['charts/SPS'])}", flush=True)
+        if stop.signum or (args.checkpoint_every and iteration % args.checkpoint_every == 0):
+            folder = checkpoint()
+        if stop.signum:
+            print(f"stopped by {signal.Signals(stop.signum).name} at step {global_step}; continue with --resume {folder}", flush=True)
+            writer.close()
+            sys.exit(128 + stop.signum)
+    stop.restore()
+    branches.close()
+
+    if args.save_model:
+        torch.save({"policy": policy.state_dict(), "obs_mean": obs_rms.mean, "obs_var": obs_rms.var,
+                    "obs_count": obs_rms.count, "env_id": args.env_id, "args": asdict(args)},
+                   os.path.join(run_dir, "model.pt"))
+    summary = {"run_name": run_name, "global_step": global_step, "iterations": iteration,
+               "train_seconds": round(train_time, 1), "SPS": round(global_step / train_time), "nonfinite_skipped_steps": nonfinite,
+               "episodic_return": float(np.mean(recent_returns)) if recent_returns else None,
+               "eval/episodic_return": float(np.mean(eval_returns))}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    writer.close()
+    print("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+          + (f" model={os.path.join(run_dir, 'model.pt')}" if args.save_model else ""))
+    return summary
+
+
+if __name__ == "__main__":
+    train_mujoco(tyro.cli(MujocoArgs))
