@@ -38,6 +38,8 @@ class LMArgs:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, CUDA is used when available"""
+    torch_threads: int = 0
+    """torch CPU threads (0: torch's default)"""
     output_dir: str = "runs"
     """TensorBoard logs and saved models go to `{output_dir}/{run_name}`"""
     save_model: bool = False
@@ -251,6 +253,8 @@ def validate_lm_args(args: LMArgs):
             fail(f"{flag} must be at least 1 (got {value})")
     if args.checkpoint_every < 0:
         fail(f"--checkpoint-every must be 0 (off) or positive (got {args.checkpoint_every})")
+    if args.torch_threads < 0:
+        fail(f"--torch-threads must be 0 (torch's default) or positive (got {args.torch_threads})")
     if args.prompts_per_step % args.num_minibatches:
         fail(f"--num-minibatches {args.num_minibatches} must divide --prompts-per-step {args.prompts_per_step} (minibatches hold whole groups)")
     if args.temperature <= 0:
@@ -290,8 +294,9 @@ def hh_prompt(chosen: str, row: int, split: str) -> dict:
 
 def load_lm_prompts(args: LMArgs, tokenizer) -> tuple:
     if args.dataset_name == "tiny":
-        records = tiny_task_prompts(1024 + args.num_eval_prompts)
-        return records[: -args.num_eval_prompts], records[-args.num_eval_prompts:]
+        records = tiny_task_prompts(1024 + 4 * args.num_eval_prompts)  # held out: prompts training never sees
+        seen = {r["text"] for r in records[:1024]}
+        return records[:1024], [r for r in records[1024:] if r["text"] not in seen][: args.num_eval_prompts]
     import datasets
 
     name = os.path.expanduser(args.dataset_name)
@@ -540,6 +545,8 @@ def train_lm(args: LMArgs) -> dict:
         fail(f"--prompts-per-step {args.prompts_per_step} must be a multiple of ranks x --num-minibatches "
              f"({world} x {args.num_minibatches}): every rank's minibatches hold whole groups")
     seed_everything(args.seed, args.torch_deterministic)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.bf16
                 else contextlib.nullcontext())
 
@@ -576,10 +583,10 @@ def train_lm(args: LMArgs) -> dict:
                                            [sampling_seed(args.seed, stream, iteration, p) for p in range(len(eval_ids))],
                                            args.temperature) for stream, m in ((1, policy), (2, reference)))
         s_ours, s_ref = judge(eval_records, ours["texts"]), judge(eval_records, theirs["texts"])
-        log_ratio = batched_logprobs(policy, ours, args, autocast) - batched_logprobs(reference, ours, args, autocast)
+        kl = k3_kl(batched_logprobs(policy, ours, args, autocast), batched_logprobs(reference, ours, args, autocast))
         return {"eval/win_rate": ((s_ours > s_ref).float() + 0.5 * (s_ours == s_ref).float()).mean().item(),
                 "eval/score": s_ours.mean().item(), "eval/reference_score": s_ref.mean().item(),
-                "eval/kl_to_reference": (log_ratio * ours["mask"]).sum(1).mean().item(),
+                "eval/kl_to_reference": ((kl * ours["mask"]).sum() / ours["mask"].sum()).item(),  # per token, as losses/kl
                 "eval/completion_length": ours["mask"].sum(1).mean().item()}
 
     def checkpoint(iteration: int) -> str:

@@ -47,6 +47,24 @@ def test_same_seed_same_logged_metrics(tmp_path):
             assert a[tag] == b[tag], tag
 
 
+@pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
+def test_tiny_task_holds_out_prompts_that_training_never_sees(script):
+    from transformers import ByT5Tokenizer
+
+    module = __import__(script)
+    train, held_out = module.load_lm_prompts(module.LMArgs(num_eval_prompts=256), ByT5Tokenizer())
+    assert len(held_out) == 256 and not {r["text"] for r in train} & {r["text"] for r in held_out}
+    assert train == module.tiny_task_prompts(1024)  # the training prompts (and so training) are the same as before
+
+
+def test_eval_kl_to_reference_is_per_token_like_the_training_kl(tmp_path):
+    summary, run_dir = run(tmp_path, num_iterations=6, eval_every=6)
+    logged = scalars(run_dir)
+    eval_kl, train_kl = dict(logged["eval/kl_to_reference"]), [v for _, v in logged["losses/kl"]]
+    assert eval_kl[0] == 0.0  # the policy starts as the reference
+    assert train_kl[-1] / 3 < summary["eval/kl_to_reference"] < train_kl[-1] * 3, (eval_kl, train_kl)
+
+
 def test_micro_batching_and_checkpointing_give_the_full_batch_update_and_saved_model_loads(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
