@@ -476,17 +476,29 @@ def sampling_seed(*key: int) -> int:
     return int(np.random.SeedSequence([k % 2**32 for k in key]).generate_state(1)[0])
 
 
+def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1) from a SplitMix64 hash of (seed, counter) in wrapping int64 arithmetic,
+    the same on every device: seeds [B, 1] x counters [V] -> [B, V], one vectorised call."""
+    z = seeds * -7046029254386353131 + counters  # 0x9E3779B97F4A7C15: keeps different seeds apart
+    z = (z ^ ((z >> 30) & 0x3FFFFFFFF)) * -4658895280553007687  # logical shifts on a signed type
+    z = (z ^ ((z >> 27) & 0x1FFFFFFFFF)) * -7723592293110705685
+    z = z ^ ((z >> 31) & 0x1FFFFFFFF)
+    return (((z >> 41) & 0x7FFFFF).float() + 0.5) / 2**23  # 23 bits: never 0 or 1 in float32
+
+
 class GumbelSampler:
-    """Samples softmax(logits / T) exactly, as argmax(logits / T + Gumbel noise), with one
-    seeded generator per completion: what a completion samples depends on its seed alone,
-    not on the batch, the rank or the resume it happens in."""
+    """Samples softmax(logits / T) exactly, as argmax(logits / T + Gumbel noise). The noise is a
+    hash of (completion seed, decode step, token id): what a completion samples depends on its
+    seed alone, not on the batch, the rank or the resume it happens in."""
 
     def __init__(self, seeds: list, temperature: float, device: torch.device):
-        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-        self.temperature = temperature
+        self.seeds = torch.tensor(seeds, dtype=torch.int64, device=device)[:, None]
+        self.temperature, self.step = temperature, 0
 
     def __call__(self, input_ids, scores):  # a transformers logits processor; generate takes the argmax
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
+        vocab = scores.shape[-1]
+        uniform = counter_uniform(self.seeds, self.step * vocab + torch.arange(vocab, device=scores.device))
+        self.step += 1
         return scores.float() / self.temperature - torch.log(-torch.log(uniform))
 
 

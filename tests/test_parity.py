@@ -100,7 +100,7 @@ def test_mujoco_policy_and_statistics_agree():
                                   "restore", "branched_rollout", "RunningMeanStd", "GaussianPolicy", "fail",
                                   "target_distribution", "sequence_log_ratios", "kl_to_target", "dual_ascent",
                                   "pair_shift_target", "reverse_kl_fit",
-                                  "sampling_seed", "GumbelSampler", "sample_completions", "setup_distributed", "all_sum",
+                                  "sampling_seed", "counter_uniform", "GumbelSampler", "sample_completions", "setup_distributed", "all_sum",
                                   "all_gather", "StopSignal", "save_checkpoint", "load_checkpoint", "make_writer",
                                   "Branches", "WorkerBranches", "branch_worker"])
 def test_shared_pieces_have_identical_source(name):
