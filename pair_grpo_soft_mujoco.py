@@ -76,9 +76,9 @@ class MujocoArgs:
     """passes over each rollout batch"""
     num_minibatches: int = 8
     """minibatches per pass; each holds whole groups and makes one optimizer step"""
-    clip_eps_low: float = 0.2
-    """lower clip range of the ratio (1 - eps_low)"""
-    clip_eps_high: float = 0.2
+    clip_eps_low: float = 0.3
+    """lower clip range of the ratio (1 - eps_low); GRPO's tuned 0.3, so the two compare like for like"""
+    clip_eps_high: float = 0.3
     """upper clip range of the ratio (1 + eps_high)"""
     beta: float = 0.0
     """weight of the k3 KL penalty to the anchor policy (none by default)"""
