@@ -379,6 +379,20 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
             "end_obs": obs, "terminated": terminated, "lengths": mask.sum(1).astype(int)}
 
 
+def check_video(env_id: str):
+    """--capture-video fails at the start, not after the whole run: gymnasium's RecordVideo
+    writes with moviepy, and a MuJoCo renderer must draw a frame (headless: MUJOCO_GL=egl or osmesa)."""
+    try:
+        import moviepy  # noqa: F401
+
+        env = make_mujoco_env(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except Exception as exc:
+        fail(f"--capture-video: cannot record ({first_line(exc)}); it needs `pip install moviepy` and a MuJoCo renderer")
+
+
 @torch.no_grad()
 def evaluate_mujoco(policy, obs_rms, args, num_episodes: int, seed: int, device, video_folder=None) -> list:
     """Full episodes from fresh resets, acting with the mean action."""
@@ -455,6 +469,8 @@ def train_mujoco(args: MujocoArgs) -> dict:
 
     N, G, H = args.num_trunks, args.group_size, args.segment_length
     reset_env = make_mujoco_env(args.env_id)
+    if args.capture_video:
+        check_video(args.env_id)
     max_steps = reset_env.spec.max_episode_steps or 1000
     # the trunk keeps the clock, so branches are unwrapped simulators
     branches = (WorkerBranches(args.env_id, N * G, args.seed + 1, args.num_workers) if args.num_workers else

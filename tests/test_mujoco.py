@@ -156,3 +156,14 @@ def test_worker_processes_step_the_same_branches(tmp_path, env_id):
 def test_bad_worker_count():
     with pytest.raises(SystemExit, match="--num-workers must lie in"):
         gb.train_mujoco(small_args(num_workers=99))
+
+
+@pytest.mark.parametrize("script", ["grpo_baseline_mujoco", "pair_grpo_soft_mujoco", "pair_grpo_hard_mujoco"])
+def test_capture_video_without_moviepy_fails_before_training(tmp_path, monkeypatch, script):
+    import sys
+
+    module = __import__(script)
+    monkeypatch.setitem(sys.modules, "moviepy", None)  # as on a machine without it: the import fails
+    with pytest.raises(SystemExit, match="--capture-video: cannot record .*moviepy") as info:
+        module.train_mujoco(module.MujocoArgs(capture_video=True, output_dir=str(tmp_path), total_timesteps=1024))
+    assert "\n" not in str(info.value) and not os.listdir(tmp_path)  # one line, and no run was started

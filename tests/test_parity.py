@@ -102,7 +102,7 @@ def test_mujoco_policy_and_statistics_agree():
                                   "pair_shift_target", "reverse_kl_fit",
                                   "sampling_seed", "counter_uniform", "GumbelSampler", "sample_completions", "setup_distributed", "all_sum",
                                   "all_gather", "StopSignal", "save_checkpoint", "load_checkpoint", "make_writer",
-                                  "Branches", "WorkerBranches", "branch_worker"])
+                                  "Branches", "WorkerBranches", "branch_worker", "check_video"])
 def test_shared_pieces_have_identical_source(name):
     sources = {n: inspect.getsource(getattr(m, name)) for n, m in having(name)}
     first = next(iter(sources.values()))
