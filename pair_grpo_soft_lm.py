@@ -636,16 +636,21 @@ def train_lm(args: LMArgs) -> dict:
           + (f", rank {rank} of {world}" if world > 1 else "") + (f", resumed at iteration {start_iteration}" if args.resume else ""))
 
     def evaluate(iteration: int) -> dict:
-        """Policy vs reference on held-out prompts, judged by the same reward source (rank 0)."""
+        """Policy vs reference on held-out prompts, judged by the same reward source (rank 0).
+        Not training time: the training clock `start` moves past it."""
+        nonlocal start
+        tick = time.time()
         ours, theirs = (sample_completions(m, tokenizer, eval_ids, 1, eos_ids, autocast, device,
                                            [sampling_seed(args.seed, stream, iteration, p) for p in range(len(eval_ids))],
                                            args.temperature) for stream, m in ((1, policy), (2, reference)))
         s_ours, s_ref = judge(eval_records, ours["texts"]), judge(eval_records, theirs["texts"])
         kl = k3_kl(batched_logprobs(policy, ours, args, autocast), batched_logprobs(reference, ours, args, autocast))
-        return {"eval/win_rate": ((s_ours > s_ref).float() + 0.5 * (s_ours == s_ref).float()).mean().item(),
-                "eval/score": s_ours.mean().item(), "eval/reference_score": s_ref.mean().item(),
-                "eval/kl_to_reference": ((kl * ours["mask"]).sum() / ours["mask"].sum()).item(),  # per token, as losses/kl
-                "eval/completion_length": ours["mask"].sum(1).mean().item()}
+        result = {"eval/win_rate": ((s_ours > s_ref).float() + 0.5 * (s_ours == s_ref).float()).mean().item(),
+                  "eval/score": s_ours.mean().item(), "eval/reference_score": s_ref.mean().item(),
+                  "eval/kl_to_reference": ((kl * ours["mask"]).sum() / ours["mask"].sum()).item(),  # per token, as losses/kl
+                  "eval/completion_length": ours["mask"].sum(1).mean().item()}
+        start += time.time() - tick
+        return result
 
     def checkpoint(iteration: int) -> str:
         folder = os.path.join(run_dir, "checkpoint")
@@ -775,9 +780,10 @@ def train_lm(args: LMArgs) -> dict:
     if args.save_model:
         policy.save_pretrained(os.path.join(run_dir, "model"))
         tokenizer.save_pretrained(os.path.join(run_dir, "model"))
-    summary = {"run_name": run_name, "iterations": args.num_iterations, "global_step": global_step,
-               "seconds": round(time.time() - start, 1), "nonfinite_skipped_steps": nonfinite,
-               **{k: v for k, v in metrics.items() if k.startswith("eval/")}}
+    train_time = time.time() - start  # evaluation excluded, as in the MuJoCo scripts
+    summary = {"run_name": run_name, "global_step": global_step, "iterations": args.num_iterations,
+               "train_seconds": round(train_time, 1), "SPS": round(global_step / train_time, 1),
+               "nonfinite_skipped_steps": nonfinite, **{k: v for k, v in metrics.items() if k.startswith("eval/")}}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     writer.close()

@@ -1,6 +1,8 @@
 """Spec 4.1: the paper's Hard-Pair-GRPO (`--target pair-shift`): the target, the reverse-KL fit,
 the hinge trust region and the decaying step; and `--kl-anchor` in the pair scripts."""
+import glob
 import importlib
+import json
 import math
 import os
 import subprocess
@@ -192,3 +194,8 @@ def test_every_script_logs_the_gradient_norm_before_clipping(tmp_path, script):
         logged = scalars(os.path.join(str(tmp_path), summary["run_name"]))
     norms = [v for _, v in logged["losses/grad_norm"]]
     assert len(norms) >= 2 and min(norms) > 1e-6, norms  # far above the clip: the norm before clipping
+    (path,) = glob.glob(os.path.join(str(tmp_path), "**", "summary.json"), recursive=True)
+    keys = set(json.load(open(path)))  # one set of keys in every script, plus its domain's results
+    domain = {"episodic_return", "eval/episodic_return"} if "mujoco" in script else {
+        "eval/win_rate", "eval/score", "eval/reference_score", "eval/kl_to_reference", "eval/completion_length"}
+    assert keys == {"run_name", "global_step", "iterations", "train_seconds", "SPS", "nonfinite_skipped_steps"} | domain
