@@ -601,7 +601,8 @@ def train_lm(args: LMArgs) -> dict:
         kl = k3_kl(batched_logprobs(policy, ours, args, autocast), batched_logprobs(reference, ours, args, autocast))
         result = {"eval/win_rate": ((s_ours > s_ref).float() + 0.5 * (s_ours == s_ref).float()).mean().item(),
                   "eval/score": s_ours.mean().item(), "eval/reference_score": s_ref.mean().item(),
-                  "eval/kl_to_reference": ((kl * ours["mask"]).sum() / ours["mask"].sum()).item(),  # per token, as losses/kl
+                  # per token, in the units of losses/kl
+                  "eval/kl_to_reference": ((kl * ours["mask"]).sum() / ours["mask"].sum()).item(),
                   "eval/completion_length": ours["mask"].sum(1).mean().item()}
         start += time.time() - tick
         return result
@@ -638,7 +639,8 @@ def train_lm(args: LMArgs) -> dict:
         rewards = judge([train_records[batch_prompts[p]] for p in positions for _ in range(G)], batch["texts"])
         mask = batch["mask"]
         old_logp = None if reuse_old else batched_logprobs(policy, batch, args, autocast)
-        ref_logp = batched_logprobs(reference, batch, args, autocast) if args.beta > 0 and args.kl_anchor == "ref" else None
+        anchored_to_ref = args.beta > 0 and args.kl_anchor == "ref"
+        ref_logp = batched_logprobs(reference, batch, args, autocast) if anchored_to_ref else None
         global_step += batch_groups * G
 
         # ---- advantages: normalised within each group, shared by every token of a completion
@@ -664,7 +666,8 @@ def train_lm(args: LMArgs) -> dict:
                                                   mask.shape[1], args.temperature)
                         old = logp.detach() if reuse_old else old_logp[idx]
                         surrogate, clipped = clipped_surrogate(logp, old, advantages[idx, None], args.clip_eps_low, args.clip_eps_high)
-                        kl = k3_kl(logp, old if args.kl_anchor == "old" else ref_logp[idx]) if args.beta > 0 else torch.zeros_like(logp)
+                        anchor = ref_logp[idx] if anchored_to_ref else old
+                        kl = k3_kl(logp, anchor) if args.beta > 0 else torch.zeros_like(logp)
                         loss = -(w * (surrogate - args.beta * kl)).sum()
                         loss.backward()
                     stats["policy_loss"] += -(w * surrogate).sum().item()

@@ -390,7 +390,7 @@ def check_video(env_id: str):
         env.render()
         env.close()
     except Exception as exc:
-        fail(f"--capture-video: cannot record ({first_line(exc)}); it needs `pip install moviepy` and a MuJoCo renderer")
+        fail(f"--capture-video: cannot record ({first_line(exc)}); it needs moviepy and a MuJoCo renderer")
 
 
 @torch.no_grad()
@@ -563,7 +563,8 @@ def train_mujoco(args: MujocoArgs) -> dict:
                 weights = loss_weights(mask[rows], args.loss_aggregation)
                 logp = policy(obs[rows]).log_prob(actions[rows]).sum(-1)
                 surrogate, clipped = clipped_surrogate(logp, old_logp[rows], advantages[rows, None], args.clip_eps_low, args.clip_eps_high)
-                kl = k3_kl(logp, old_logp[rows] if args.kl_anchor == "old" else ref_logp[rows]) if args.beta > 0 else torch.zeros_like(logp)
+                anchor = ref_logp[rows] if reference is not None else old_logp[rows]
+                kl = k3_kl(logp, anchor) if args.beta > 0 else torch.zeros_like(logp)
                 loss = -(weights * (surrogate - args.beta * kl)).sum()
                 optimizer.zero_grad()
                 loss.backward()

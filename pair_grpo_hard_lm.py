@@ -93,7 +93,7 @@ class LMArgs:
     num_minibatches: int = 1
     """minibatches per pass; each holds whole groups and makes one optimizer step"""
     target: Literal["pair-shift", "group-softmax"] = "pair-shift"
-    """`pair-shift`: the paper's q = 1/G + delta_t A, reverse-KL fit, hinge; `group-softmax`: softmax(A / eta), dual ascent"""
+    """`pair-shift`: the paper's 1/G + delta_t A, reverse-KL fit, hinge; `group-softmax`: softmax(A / eta), dual ascent"""
     delta0: float = 0.02
     """pair-shift: the step delta_0, the mass a response moves per unit of net win rate (below 1/G)"""
     delta_decay: float = 0.98
@@ -647,20 +647,6 @@ def dual_ascent(alpha: float, k_old: float, eps_pi: float, lr_alpha: float) -> f
     return max(0.0, alpha + lr_alpha * (k_old - eps_pi))
 
 
-@torch.no_grad()
-def minibatch_k_old(policy, batch, old_logp, rows, weights, micros, args, autocast) -> torch.Tensor:
-    """This rank's share of the minibatch's K_old at the current weights: whether the hinge acts
-    must be known before the first micro-batch's backward pass."""
-    total = torch.zeros((), device=old_logp.device)
-    for micro in micros:
-        idx = rows[micro]
-        with autocast:
-            logp = token_logprobs(policy, batch["input_ids"][idx], batch["attention_mask"][idx], old_logp.shape[1],
-                                  args.temperature)
-        total += (weights[micro] * k3_kl(old_logp[idx], logp)).sum()
-    return total
-
-
 # ----------------------------------------------------------------------------- loss
 
 
@@ -716,6 +702,8 @@ def train_lm(args: LMArgs) -> dict:
     writer = make_writer(args, run_dir, purge_step=global_step + 1 if args.resume else None) if rank == 0 else None
     stop = StopSignal()
     G, batch_groups, local_groups = args.group_size, args.prompts_per_step, args.prompts_per_step // world
+    pair_shift = args.target == "pair-shift"
+    fit_to_target = reverse_kl_fit if pair_shift else kl_to_target
     print(f"{run_name}: {len(train_records)} train / {len(eval_records)} eval prompts on {device}"
           + (f", rank {rank} of {world}" if world > 1 else "") + (f", resumed at iteration {start_iteration}" if args.resume else ""))
 
@@ -731,7 +719,8 @@ def train_lm(args: LMArgs) -> dict:
         kl = k3_kl(batched_logprobs(policy, ours, args, autocast), batched_logprobs(reference, ours, args, autocast))
         result = {"eval/win_rate": ((s_ours > s_ref).float() + 0.5 * (s_ours == s_ref).float()).mean().item(),
                   "eval/score": s_ours.mean().item(), "eval/reference_score": s_ref.mean().item(),
-                  "eval/kl_to_reference": ((kl * ours["mask"]).sum() / ours["mask"].sum()).item(),  # per token, as losses/kl
+                  # per token, in the units of losses/kl
+                  "eval/kl_to_reference": ((kl * ours["mask"]).sum() / ours["mask"].sum()).item(),
                   "eval/completion_length": ours["mask"].sum(1).mean().item()}
         start += time.time() - tick
         return result
@@ -768,7 +757,8 @@ def train_lm(args: LMArgs) -> dict:
         mask = batch["mask"]
         old_logp = batched_logprobs(policy, batch, args, autocast)
         # the beta penalty's anchor: the batch's sampling policy (the paper) or the starting policy
-        anchor_logp = batched_logprobs(reference, batch, args, autocast) if args.kl_anchor == "ref" and args.beta > 0 else old_logp
+        anchor_logp = (batched_logprobs(reference, batch, args, autocast) if args.kl_anchor == "ref" and args.beta > 0
+                       else old_logp)
         global_step += batch_groups * G
 
         # ---- teacher: labels for all G(G-1)/2 pairs of each group; the learner sees only these
@@ -779,9 +769,9 @@ def train_lm(args: LMArgs) -> dict:
         # ---- advantages: net win rate within each group; the explicit target over the group it defines
         advantages = net_win_rate(labels)
         delta = args.delta0 * args.delta_decay ** (iteration - 1)  # the dynamic step, t = iteration - 1
-        pair_shift = args.target == "pair-shift"
-        q, eta = (pair_shift_target(advantages, delta), None) if pair_shift else target_distribution(advantages, args.eps_q)
-        q, fit_to_target = q.to(device), reverse_kl_fit if pair_shift else kl_to_target
+        q, eta = ((pair_shift_target(advantages, delta), None) if pair_shift
+                  else target_distribution(advantages, args.eps_q))
+        q = q.to(device)
 
         # ---- fit: KL(p_theta || q) + alpha * max(K_old - trust_region_kl, 0) (pair-shift) or
         # KL(q || p_theta) + alpha_t * K_old (group-softmax), + beta * KL to the anchor; minibatches of whole groups
@@ -799,8 +789,9 @@ def train_lm(args: LMArgs) -> dict:
                 micros = torch.split(torch.arange(len(rows), device=device), G * max(1, args.micro_batch_size // G))
                 trust_weight = alpha  # group-softmax: the dual multiplier, held constant inside the loss
                 if pair_shift:  # the hinge is on the whole minibatch's K_old: measure it first (0 at theta_old)
-                    hinge_on = num_updates > 0 and all_sum(minibatch_k_old(
-                        policy, batch, old_logp, rows, weights, micros, args, autocast)).item() / world > args.trust_region_kl
+                    part = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "mask")}
+                    hinge_on = num_updates > 0 and all_sum((weights * k3_kl(old_logp[rows], batched_logprobs(
+                        policy, part, args, autocast))).sum()).item() / world > args.trust_region_kl
                     trust_weight = args.alpha * hinge_on
                     stats["hinge_active"] += hinge_on
                 for m, micro in enumerate(micros):
@@ -853,9 +844,10 @@ def train_lm(args: LMArgs) -> dict:
                    "charts/chi2_q_uniform": (G * (q**2).sum(1) - 1).mean().item()}
         metrics.update({f"losses/{k}": v.item() for k, v in zip(stats, stat_means) if k != "hinge_active"})
         if pair_shift:
-            metrics.update({"charts/delta": delta, "charts/hinge_active": stat_means[-1].item()})
+            metrics.update({"charts/delta": delta, "charts/hinge_active": dict(zip(stats, stat_means))["hinge_active"].item()})
         else:
-            metrics.update({"charts/alpha": alpha, "charts/eta": eta[eta.isfinite()].mean().item() if eta.isfinite().any() else 0.0})
+            metrics.update({"charts/alpha": alpha,
+                            "charts/eta": eta[eta.isfinite()].mean().item() if eta.isfinite().any() else 0.0})
         stopping = all_sum(torch.tensor([float(stop.signum > 0)], device=device)).item() > 0  # all ranks stop together
         if rank == 0:
             if iteration % args.eval_every == 0 or iteration == args.num_iterations:

@@ -82,7 +82,7 @@ class MujocoArgs:
     num_minibatches: int = 8
     """minibatches per pass; each holds whole groups and makes one optimizer step"""
     target: Literal["pair-shift", "group-softmax"] = "pair-shift"
-    """`pair-shift`: the paper's q = 1/G + delta_t A, reverse-KL fit, hinge; `group-softmax`: softmax(A / eta), dual ascent"""
+    """`pair-shift`: the paper's 1/G + delta_t A, reverse-KL fit, hinge; `group-softmax`: softmax(A / eta), dual ascent"""
     delta0: float = 0.1
     """pair-shift: the step delta_0, the mass a branch moves per unit of net win rate (below 1/G)"""
     delta_decay: float = 0.999
@@ -420,7 +420,7 @@ def check_video(env_id: str):
         env.render()
         env.close()
     except Exception as exc:
-        fail(f"--capture-video: cannot record ({first_line(exc)}); it needs `pip install moviepy` and a MuJoCo renderer")
+        fail(f"--capture-video: cannot record ({first_line(exc)}); it needs moviepy and a MuJoCo renderer")
 
 
 @torch.no_grad()
@@ -596,6 +596,8 @@ def train_mujoco(args: MujocoArgs) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     N, G, H = args.num_trunks, args.group_size, args.segment_length
+    pair_shift = args.target == "pair-shift"
+    fit_to_target = reverse_kl_fit if pair_shift else kl_to_target
     reset_env = make_mujoco_env(args.env_id)
     if args.capture_video:
         check_video(args.env_id)
@@ -695,9 +697,9 @@ def train_mujoco(args: MujocoArgs) -> dict:
         # ---- advantages: net win rate within each group; the explicit target over the group it defines
         advantages = net_win_rate(labels)
         delta = args.delta0 * args.delta_decay ** (iteration - 1)  # the dynamic step, t = iteration - 1
-        pair_shift = args.target == "pair-shift"
-        q, eta = (pair_shift_target(advantages, delta), None) if pair_shift else target_distribution(advantages, args.eps_q)
-        q, fit_to_target = q.to(device), reverse_kl_fit if pair_shift else kl_to_target
+        q, eta = ((pair_shift_target(advantages, delta), None) if pair_shift
+                  else target_distribution(advantages, args.eps_q))
+        q = q.to(device)
 
         # ---- fit: KL(p_theta || q) + alpha * max(K_old - trust_region_kl, 0) (pair-shift) or
         # KL(q || p_theta) + alpha_t * K_old (group-softmax), + beta * KL to the anchor; minibatches of whole groups
@@ -720,9 +722,10 @@ def train_mujoco(args: MujocoArgs) -> dict:
                 loss.backward()
                 num_updates += 1
                 stats["fit"] += fit.item()
-                stats["k_old"] += k_old.item()
+                k_old_value = k_old.item()
+                stats["k_old"] += k_old_value
                 stats["kl"] += kl.item()
-                stats["hinge_active"] += float(k_old.item() > args.trust_region_kl)
+                stats["hinge_active"] += float(k_old_value > args.trust_region_kl)
                 # A non-finite loss or gradient skips the step instead of poisoning the weights
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 if not torch.isfinite(grad_norm):
@@ -735,7 +738,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
                 stats["grad_norm"] += grad_norm.item()  # before clipping
                 optimizer.step()
                 if not pair_shift:
-                    alpha = dual_ascent(alpha, k_old.item(), args.eps_pi, args.lr_alpha)
+                    alpha = dual_ascent(alpha, k_old_value, args.eps_pi, args.lr_alpha)
         train_time += time.time() - tick
 
         # ---- logging (SPS counts training time only, evaluation excluded)
@@ -750,7 +753,8 @@ def train_mujoco(args: MujocoArgs) -> dict:
         if pair_shift:
             metrics.update({"charts/delta": delta, "charts/hinge_active": stats["hinge_active"] / num_updates})
         else:
-            metrics.update({"charts/alpha": alpha, "charts/eta": eta[eta.isfinite()].mean().item() if eta.isfinite().any() else 0.0})
+            metrics.update({"charts/alpha": alpha,
+                            "charts/eta": eta[eta.isfinite()].mean().item() if eta.isfinite().any() else 0.0})
         last = global_step >= args.total_timesteps
         if iteration % args.eval_every == 0 or last:
             video = os.path.join("videos", run_name) if args.capture_video and last else None

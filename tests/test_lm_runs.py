@@ -1,5 +1,4 @@
 """End-to-end runs of `grpo_baseline.py`: learning, determinism, reward-model path, bad input."""
-import glob
 import json
 import os
 import subprocess

@@ -3,7 +3,6 @@ the hinge trust region and the decaying step; and `--kl-anchor` in the pair scri
 import glob
 import importlib
 import json
-import math
 import os
 import subprocess
 import sys
