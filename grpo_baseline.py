@@ -10,7 +10,6 @@ with a k3 KL penalty to the frozen starting policy. No value network.
         --reward-model-name-or-path Skywork/Skywork-Reward-V2-Qwen3-0.6B \
         --dataset-name HuggingFaceH4/ultrafeedback_binarized --learning-rate 1e-6
 """
-import contextlib
 import copy
 import json
 import os
@@ -114,15 +113,42 @@ class LMArgs:
     """bf16 autocast (and bf16 reference and reward models) on CUDA; CPU always runs fp32"""
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- the algorithm: advantages and loss
+def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True) -> torch.Tensor:
+    """rewards [groups, G] -> (r - mean) / (std + 1e-4); an all-equal group gives zeros."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    return centred / (rewards.std(dim=1, keepdim=True) + 1e-4) if scale_by_std else centred
+
+def clipped_surrogate(logp, old_logp, advantages, eps_low: float, eps_high: float) -> tuple:
+    """Per-token min(rho A, clip(rho) A); also returns where the clip is active."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped, clipped = ratio * advantages, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages
+    return torch.minimum(unclipped, clipped), (clipped < unclipped).float()
+
+def k3_kl(logp, ref_logp) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Per-token weights whose weighted sum is the minibatch's aggregate; micro-batches then sum exactly."""
+    if aggregation == "sequence":  # mean over sequences of each sequence's token mean
+        return mask / mask.sum(1, keepdim=True).clamp(min=1) / mask.shape[0]
+    return mask / mask.sum().clamp(min=1)
+
+# ----------------------------------------------------------------------------- plumbing: errors, scale-out, survival
 def fail(message: str):
     """Bad input ends the run with one line, never a library stack trace."""
     raise SystemExit(f"error: {message}")
 
-
 def first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
+def check(conditions: list):
+    """Argument checks as a table of (holds, message): the first that fails ends the run."""
+    for holds, message in conditions:
+        if not holds:
+            fail(message)
 
 def seed_everything(seed: int, deterministic: bool):
     random.seed(seed)
@@ -130,22 +156,10 @@ def seed_everything(seed: int, deterministic: bool):
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = deterministic
 
-
-def make_writer(args, run_dir: str, purge_step: Optional[int] = None) -> SummaryWriter:
-    """A resumed run writes on in its own folder; TensorBoard drops what it logged after the checkpoint."""
-    writer = SummaryWriter(run_dir, purge_step=purge_step)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return writer
-
-
-# ----------------------------------------------------------------------------- scale-out and survival
-# Under `torchrun --nproc-per-node R` each process is one rank: it samples and scores its
-# share of the groups (a group never spans ranks) and DDP averages the gradients.
 def setup_distributed(use_cuda: bool) -> tuple:
-    """(rank, world_size, device); a plain `python` launch is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = use_cuda and torch.cuda.is_available()
+    """(rank, world_size, device). Under `torchrun --nproc-per-node R` each process is one rank: it
+    samples and scores its share of the groups (a group never spans ranks); DDP averages gradients."""
+    world, cuda = int(os.environ.get("WORLD_SIZE", "1")), use_cuda and torch.cuda.is_available()
     if world == 1:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -154,13 +168,10 @@ def setup_distributed(use_cuda: bool) -> tuple:
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
     return torch.distributed.get_rank(), world, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
-
 def all_sum(x: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized():
-        x = x.clone()
-        torch.distributed.all_reduce(x)
+        torch.distributed.all_reduce(x := x.clone())
     return x
-
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     if not torch.distributed.is_initialized():
@@ -169,105 +180,79 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     torch.distributed.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 
+STOP = {"signum": 0}
 
-class StopSignal:
-    """SIGINT/SIGTERM ask for a stop: the loop checkpoints after the current iteration and
-    exits. A second signal stops at once."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"{signal.Signals(signum).name}: stopping with a checkpoint after this iteration (again: stop now)", flush=True)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
+def on_signal(signum, frame):
+    """SIGINT/SIGTERM: checkpoint after the current iteration and exit; a second signal stops at once."""
+    if STOP["signum"]:
+        raise KeyboardInterrupt
+    STOP["signum"] = signum
+    print(f"{signal.Signals(signum).name}: stopping with a checkpoint after this iteration (again: stop now)",
+          flush=True)
 
 # A resumed run must be the run it continues: these may change, nothing else may.
 RESUMABLE_ARGS = {"resume", "checkpoint_every", "num_iterations", "total_timesteps", "eval_every", "output_dir",
                   "cuda", "micro_batch_size", "gradient_checkpointing", "save_model", "max_nonfinite_steps"}
 
-
-def save_checkpoint(folder: str, state: dict, rank: int):
-    """Rank 0 writes the shared state, every rank its own random streams; each file is
-    written under a temporary name and renamed, so a kill mid-write leaves the old one."""
-    os.makedirs(folder, exist_ok=True)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+def save_checkpoint(folder: str, state: dict, own: Optional[dict] = None) -> str:
+    """One file, `state.pt`: the run's state and every rank's own state and random streams. Rank 0
+    writes it under a temporary name and renames it, so a kill mid-write leaves the old one."""
+    own = {**(own or {}), "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    for name, obj in [(f"rng_rank{rank}.pt", rng)] + ([("state.pt", state)] if rank == 0 else []):
-        torch.save(obj, os.path.join(folder, name + ".tmp"))
-        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
-    if torch.distributed.is_initialized():
+    ranks, dist = [own], torch.distributed.is_initialized()
+    if dist:
+        torch.distributed.all_gather_object(ranks := [None] * torch.distributed.get_world_size(), own)
+    if not dist or torch.distributed.get_rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+        torch.save({**state, "ranks": ranks}, os.path.join(folder, "state.pt.tmp"))
+        os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
+    if dist:
         torch.distributed.barrier()
+    return folder
 
-
-def load_checkpoint(path: str, args, rank: int, world: int) -> tuple:
-    """(state, checkpoint folder); restores this rank's random streams. Our own files hold
-    numpy states, hence weights_only=False: load only checkpoints you wrote."""
+def load_checkpoint(path: str, args, world: int) -> tuple:
+    """(state, this rank's own state, run folder), this rank's random streams restored. The file
+    holds numpy states, hence weights_only=False: load only checkpoints you wrote."""
     folder = path if os.path.isfile(os.path.join(path, "state.pt")) else os.path.join(path, "checkpoint")
-    if not os.path.isfile(os.path.join(folder, "state.pt")):
-        fail(f"--resume {path!r}: no checkpoint there (expected state.pt in it or in its checkpoint/ folder)")
+    check([(os.path.isfile(os.path.join(folder, "state.pt")),
+            f"--resume {path!r}: no checkpoint there (expected state.pt in it or in its checkpoint/ folder)")])
     state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
     differ = [k for k, v in asdict(args).items() if k not in RESUMABLE_ARGS and state["args"].get(k) != v]
-    if differ:
-        fail(f"--resume {path!r}: the run used different " + ", ".join(
-            f"--{k.replace('_', '-')} {state['args'].get(k)!r}" for k in differ) + "; pass the same values")
-    if state["world_size"] != world:
-        fail(f"--resume {path!r}: the run had {state['world_size']} ranks; launch it with {state['world_size']}, not {world}")
-    rng = torch.load(os.path.join(folder, f"rng_rank{rank}.pt"), weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state, folder
+    check([(not differ, f"--resume {path!r}: the run used different " + ", ".join(
+        f"--{k.replace('_', '-')} {state['args'].get(k)!r}" for k in differ) + "; pass the same values"),
+           (len(state["ranks"]) == world, f"--resume {path!r}: the run had {len(state['ranks'])} ranks; "
+            f"launch it with {len(state['ranks'])}, not {world}")])
+    own = state["ranks"][torch.distributed.get_rank() if torch.distributed.is_initialized() else 0]
+    random.setstate(own["python"])
+    np.random.set_state(own["numpy"])
+    torch.set_rng_state(own["torch"])
+    if own["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(own["cuda"])
+    return state, own, os.path.dirname(os.path.abspath(folder))
 
-
-def format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def check_source(flag: str, value: str):
+def exists_if_local(value: str) -> bool:
     """A value that can only be a local path must exist; anything else may be a hub id."""
-    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1
-    if looks_local and not os.path.exists(os.path.expanduser(value)):
-        fail(f"{flag} {value!r}: no such file or directory")
-
+    return not (value.startswith((".", "/", "~")) or value.count("/") > 1) or os.path.exists(os.path.expanduser(value))
 
 def validate_lm_args(args: LMArgs):
-    if args.group_size < 2:
-        fail(f"--group-size must be at least 2 (got {args.group_size}): a group of one has no comparison")
-    for flag, value in [("--prompts-per-step", args.prompts_per_step), ("--num-iterations", args.num_iterations),
-                        ("--update-epochs", args.update_epochs), ("--num-minibatches", args.num_minibatches),
-                        ("--max-new-tokens", args.max_new_tokens), ("--micro-batch-size", args.micro_batch_size),
-                        ("--num-eval-prompts", args.num_eval_prompts), ("--eval-every", args.eval_every),
-                        ("--max-nonfinite-steps", args.max_nonfinite_steps)]:
-        if value < 1:
-            fail(f"{flag} must be at least 1 (got {value})")
-    if args.checkpoint_every < 0:
-        fail(f"--checkpoint-every must be 0 (off) or positive (got {args.checkpoint_every})")
-    if args.torch_threads < 0:
-        fail(f"--torch-threads must be 0 (torch's default) or positive (got {args.torch_threads})")
-    if args.prompts_per_step % args.num_minibatches:
-        fail(f"--num-minibatches {args.num_minibatches} must divide --prompts-per-step {args.prompts_per_step} (minibatches hold whole groups)")
-    if args.temperature <= 0:
-        fail(f"--temperature must be positive (got {args.temperature})")
-    if min(args.clip_eps_low, args.clip_eps_high, args.beta) < 0 or args.clip_eps_low >= 1:
-        fail("--clip-eps-low must lie in [0, 1), --clip-eps-high and --beta must be non-negative")
-    if args.model_name_or_path != "tiny":
-        check_source("--model-name-or-path", args.model_name_or_path)
-    if args.reward_model_name_or_path != "rule":
-        check_source("--reward-model-name-or-path", args.reward_model_name_or_path)
-    if args.dataset_name != "tiny":
-        check_source("--dataset-name", args.dataset_name)
-
+    at_least_one = ["prompts_per_step", "num_iterations", "update_epochs", "num_minibatches", "max_new_tokens",
+                    "micro_batch_size", "num_eval_prompts", "eval_every", "max_nonfinite_steps"]
+    check([(args.group_size >= 2, f"--group-size must be at least 2 (got {args.group_size}): "
+             "a group of one has no comparison")]
+          + [(getattr(args, k) >= 1, f"--{k.replace('_', '-')} must be at least 1 (got {getattr(args, k)})")
+             for k in at_least_one]
+          + [(args.checkpoint_every >= 0, f"--checkpoint-every must be 0 (off) or positive "
+              f"(got {args.checkpoint_every})"),
+             (args.torch_threads >= 0, f"--torch-threads must be 0 (torch's default) or positive "
+              f"(got {args.torch_threads})"),
+             (args.prompts_per_step % args.num_minibatches == 0, f"--num-minibatches {args.num_minibatches} must "
+              f"divide --prompts-per-step {args.prompts_per_step} (minibatches hold whole groups)"),
+             (args.temperature > 0, f"--temperature must be positive (got {args.temperature})"),
+             (min(args.clip_eps_low, args.clip_eps_high, args.beta) >= 0 and args.clip_eps_low < 1,
+              "--clip-eps-low must lie in [0, 1), --clip-eps-high and --beta must be non-negative")]
+          + [(value == special or exists_if_local(value), f"--{flag.replace('_', '-')} {value!r}: no such file or "
+              "directory") for flag, special in [("model_name_or_path", "tiny"), ("reward_model_name_or_path", "rule"),
+                                                  ("dataset_name", "tiny")] for value in [getattr(args, flag)]])
 
 # ----------------------------------------------------------------------------- prompts
 # A prompt is a record: `text` is what the policy reads (`templated` if the policy's chat
@@ -279,18 +264,23 @@ def tiny_task_prompts(n: int, seed: int = 0) -> list:
     texts = [f"Say something about {rng.choice(words)} {rng.choice(words)}:" for _ in range(n)]
     return [{"text": t, "templated": False, "messages": [{"role": "user", "content": t}]} for t in texts]
 
-
 def hh_prompt(chosen: str, row: int, split: str) -> dict:
     """HH-RLHF: the dialogue of `chosen` up to and including its last "\\n\\nAssistant:"."""
     cut = chosen.rfind("\n\nAssistant:")
-    if cut < 0:
-        fail(f"dataset row {row} of split {split!r}: 'chosen' has no '\\n\\nAssistant:' turn")
-    text = chosen[: cut + len("\n\nAssistant:")]
-    parts = re.split(r"\n\n(Human|Assistant):", text)[1:]
+    check([(cut >= 0, f"dataset row {row} of split {split!r}: 'chosen' has no '\\n\\nAssistant:' turn")])
+    parts = re.split(r"\n\n(Human|Assistant):", text := chosen[: cut + len("\n\nAssistant:")])[1:]
     messages = [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
                 for who, said in zip(parts[::2], parts[1::2]) if said.strip()]
     return {"text": text, "templated": False, "messages": messages}
 
+def plain_prompt(prompt, row: int, split: str, tokenizer, use_chat_template: bool) -> dict:
+    """UltraFeedback: a plain prompt, wrapped in the policy's chat template when it has one."""
+    check([(isinstance(prompt, str) and prompt.strip(),
+            f"dataset row {row} of split {split!r}: 'prompt' is not a non-empty string")])
+    messages = [{"role": "user", "content": prompt}]
+    chat = use_chat_template and getattr(tokenizer, "chat_template", None)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) if chat else prompt
+    return {"text": text, "templated": bool(chat), "messages": messages}
 
 def load_lm_prompts(args: LMArgs, tokenizer) -> tuple:
     if args.dataset_name == "tiny":
@@ -299,45 +289,35 @@ def load_lm_prompts(args: LMArgs, tokenizer) -> tuple:
         return records[:1024], [r for r in records[1024:] if r["text"] not in seen][: args.num_eval_prompts]
     import datasets
 
-    name = os.path.expanduser(args.dataset_name)
+    name, flag = os.path.expanduser(args.dataset_name), f"--dataset-name {args.dataset_name!r}"
+    builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(name)[1])
     try:  # a single local file goes through the matching builder, everything else by name
-        builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(name)[1])
-        ds = datasets.load_dataset(builder, data_files=name) if os.path.isfile(name) and builder else datasets.load_dataset(name)
+        single_file = os.path.isfile(name) and builder
+        ds = datasets.load_dataset(builder, data_files=name) if single_file else datasets.load_dataset(name)
     except Exception as exc:
-        fail(f"--dataset-name {args.dataset_name!r}: could not load ({first_line(exc)})")
+        fail(f"{flag}: could not load ({first_line(exc)})")
     train_split = args.train_split or next((s for s in ("train_prefs", "train") if s in ds), None)
     eval_split = args.eval_split or next((s for s in ("test_prefs", "test") if s in ds), None)
-    for flag, split in [("--train-split", train_split), ("--eval-split", eval_split)]:
-        if split is not None and split not in ds:
-            fail(f"{flag} {split!r} is not a split of {args.dataset_name!r} (splits: {list(ds)})")
-    if train_split is None:
-        fail(f"--dataset-name {args.dataset_name!r} has no training split; pass --train-split (splits: {list(ds)})")
+    check([(split is None or split in ds, f"{f} {split!r} is not a split of {args.dataset_name!r} (splits: {list(ds)})")
+           for f, split in [("--train-split", train_split), ("--eval-split", eval_split)]]
+          + [(train_split is not None, f"{flag} has no training split; pass --train-split (splits: {list(ds)})")])
 
     def records(split):
         columns = ds[split].column_names
-        if "prompt" in columns:  # UltraFeedback schema: a plain prompt, chat-templated for the policy
-            out = []
-            for row, prompt in enumerate(ds[split]["prompt"]):
-                if not isinstance(prompt, str) or not prompt.strip():
-                    fail(f"dataset row {row} of split {split!r}: 'prompt' is not a non-empty string")
-                messages = [{"role": "user", "content": prompt}]
-                chat = args.use_chat_template and getattr(tokenizer, "chat_template", None)
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) if chat else prompt
-                out.append({"text": text, "templated": bool(chat), "messages": messages})
-            return out
-        if "chosen" in columns:  # HH-RLHF schema: the prompt is inside the chosen dialogue
-            return [hh_prompt(chosen, row, split) for row, chosen in enumerate(ds[split]["chosen"])]
-        fail(f"split {split!r} of {args.dataset_name!r} has columns {columns}; expected 'prompt' (UltraFeedback) or 'chosen' (HH-RLHF)")
+        check([("prompt" in columns or "chosen" in columns, f"split {split!r} of {args.dataset_name!r} has columns "
+                f"{columns}; expected 'prompt' (UltraFeedback) or 'chosen' (HH-RLHF)")])
+        if "prompt" in columns:
+            return [plain_prompt(p, row, split, tokenizer, args.use_chat_template)
+                    for row, p in enumerate(ds[split]["prompt"])]
+        return [hh_prompt(chosen, row, split) for row, chosen in enumerate(ds[split]["chosen"])]
 
     train = records(train_split)
     if eval_split is None:  # hold out the end of the training split
         train, held_out = train[: -args.num_eval_prompts], train[-args.num_eval_prompts:]
     else:
         held_out = records(eval_split)[: args.num_eval_prompts]
-    if not train or not held_out:
-        fail(f"--dataset-name {args.dataset_name!r}: too few rows for training and {args.num_eval_prompts} eval prompts")
+    check([(train and held_out, f"{flag}: too few rows for training and {args.num_eval_prompts} eval prompts")])
     return train, held_out
-
 
 def encode_prompts(tokenizer, records: list, max_length: int, eos_ids: set) -> list:
     ids = []
@@ -348,46 +328,39 @@ def encode_prompts(tokenizer, records: list, max_length: int, eos_ids: set) -> l
         ids.append(tokens[-max_length:])
     return ids
 
-
 # ----------------------------------------------------------------------------- models
 def load_lm_policy(args: LMArgs, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, GenerationConfig, LlamaConfig
 
     if args.model_name_or_path == "tiny":
         tokenizer = ByT5Tokenizer()
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-        policy = AutoModelForCausalLM.from_config(config)
+        policy = AutoModelForCausalLM.from_config(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None))
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
             policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
         except Exception as exc:
             fail(f"--model-name-or-path {args.model_name_or_path!r}: could not load a causal LM ({first_line(exc)})")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     eos = policy.generation_config.eos_token_id or tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     # A fresh config, so no hub default (top-k, top-p, repetition penalty) distorts the
     # distribution the ratios are computed under; GumbelSampler below does the sampling.
-    policy.generation_config = GenerationConfig(
-        do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
-    # Dropout would make pi_theta differ from pi_old at theta_old: switch it off.
-    for module in policy.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    policy.generation_config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens,
+                                                eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
+    for module in (m for m in policy.modules() if isinstance(m, torch.nn.Dropout)):
+        module.p = 0.0  # dropout would make pi_theta differ from pi_old at theta_old
     if args.gradient_checkpointing:
         policy.activation_checkpointing_enable()
     policy.to(device)
     frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
-    reference = copy.deepcopy(policy).to(frozen_dtype).eval().requires_grad_(False)
-    return policy, reference, tokenizer, eos_ids
-
+    return policy, copy.deepcopy(policy).to(frozen_dtype).eval().requires_grad_(False), tokenizer, eos_ids
 
 def vowel_density(text: str) -> float:
     return sum(ch in "aeiouAEIOU" for ch in text) / max(len(text), 1)
-
 
 def load_lm_judge(args: LMArgs, device: torch.device):
     """Returns judge(records, completions) -> scores: the rule judge or a reward model."""
@@ -395,86 +368,64 @@ def load_lm_judge(args: LMArgs, device: torch.device):
         return lambda records, completions: torch.tensor([vowel_density(c) for c in completions])
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    path = args.reward_model_name_or_path
+    path, flag = args.reward_model_name_or_path, f"--reward-model-name-or-path {args.reward_model_name_or_path!r}"
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:
-        fail(f"--reward-model-name-or-path {path!r}: could not load a model config ({first_line(exc)})")
+        fail(f"{flag}: could not load a model config ({first_line(exc)})")
     architectures = config.architectures or [config.model_type]
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        fail(f"--reward-model-name-or-path {path!r} is {architectures}, not a sequence classifier (*ForSequenceClassification)")
-    if config.num_labels != 1:
-        fail(f"--reward-model-name-or-path {path!r} has {config.num_labels} labels; a reward model has 1")
-    dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
+    check([(any(a.endswith("ForSequenceClassification") for a in architectures),
+            f"{flag} is {architectures}, not a sequence classifier (*ForSequenceClassification)"),
+           (config.num_labels == 1, f"{flag} has {config.num_labels} labels; a reward model has 1")])
     try:
         rm_tokenizer = AutoTokenizer.from_pretrained(path)
-        reward_model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        reward_model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32).to(device).eval()
     except Exception as exc:
-        fail(f"--reward-model-name-or-path {path!r}: could not load ({first_line(exc)})")
-    if rm_tokenizer.pad_token_id is None:
-        rm_tokenizer.pad_token = rm_tokenizer.eos_token
+        fail(f"{flag}: could not load ({first_line(exc)})")
+    rm_tokenizer.pad_token = rm_tokenizer.pad_token or rm_tokenizer.eos_token
     reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
     rm_tokenizer.truncation_side = "left"  # keep the completion when a dialogue is too long
+    templated = bool(getattr(rm_tokenizer, "chat_template", None))
 
     @torch.no_grad()
     def judge(records, completions):
-        templated = bool(getattr(rm_tokenizer, "chat_template", None))
-        if templated:
-            texts = [rm_tokenizer.apply_chat_template(r["messages"] + [{"role": "assistant", "content": c}], tokenize=False)
-                     for r, c in zip(records, completions)]
-        else:
-            texts = [r["text"] + c for r, c in zip(records, completions)]
-        scores = []
-        for i in range(0, len(texts), args.micro_batch_size):
-            batch = rm_tokenizer(texts[i: i + args.micro_batch_size], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=args.reward_max_length, add_special_tokens=not templated).to(device)
-            scores.append(reward_model(**batch).logits[:, 0].float().cpu())
-        return torch.cat(scores)
+        texts = [rm_tokenizer.apply_chat_template(r["messages"] + [{"role": "assistant", "content": c}], tokenize=False)
+                 if templated else r["text"] + c for r, c in zip(records, completions)]
+        return torch.cat([reward_model(**rm_tokenizer(
+            texts[i: i + args.micro_batch_size], return_tensors="pt", padding=True, truncation=True,
+            max_length=args.reward_max_length, add_special_tokens=not templated).to(device)).logits[:, 0].float().cpu()
+            for i in range(0, len(texts), args.micro_batch_size)])
 
     return judge
-
 
 # ----------------------------------------------------------------------------- rollout
 def left_pad(sequences: list, pad_id: int) -> tuple:
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[row, width - len(s):] = 1
-    return ids, mask
-
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences], dtype=torch.long)
+    return ids, (torch.arange(width) >= width - torch.tensor([len(s) for s in sequences])[:, None]).long()
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: set) -> torch.Tensor:
     """1 up to and including the first EOS, 0 after it (and on the padding generate adds)."""
     is_eos = torch.isin(completion_ids, torch.tensor(sorted(eos_ids), device=completion_ids.device))
-    eos_before = is_eos.long().cumsum(1) - is_eos.long()
-    return (eos_before == 0).float()
-
+    return ((is_eos.long().cumsum(1) - is_eos.long()) == 0).float()
 
 def token_logprobs(model, input_ids, attention_mask, num_new: int, temperature: float) -> torch.Tensor:
     """Log-probs of the last `num_new` tokens under temperature-scaled logits, as sampled."""
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                    logits_to_keep=num_new + 1, use_cache=False).logits[:, :-1].float() / temperature
-    targets = input_ids[:, -num_new:]
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
+    return logits.gather(-1, input_ids[:, -num_new:].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 @torch.no_grad()
 def batched_logprobs(model, batch: dict, args, autocast) -> torch.Tensor:
-    out = []
-    for i in range(0, len(batch["input_ids"]), args.micro_batch_size):
-        with autocast:
-            out.append(token_logprobs(model, batch["input_ids"][i: i + args.micro_batch_size],
-                                      batch["attention_mask"][i: i + args.micro_batch_size],
-                                      batch["mask"].shape[1], args.temperature))
-    return torch.cat(out)
-
+    parts = [slice(i, i + args.micro_batch_size) for i in range(0, len(batch["input_ids"]), args.micro_batch_size)]
+    with autocast:
+        return torch.cat([token_logprobs(model, batch["input_ids"][part], batch["attention_mask"][part],
+                                         batch["mask"].shape[1], args.temperature) for part in parts])
 
 def sampling_seed(*key: int) -> int:
     return int(np.random.SeedSequence([k % 2**32 for k in key]).generate_state(1)[0])
-
 
 def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """Uniforms in (0, 1) from a SplitMix64 hash of (seed, counter) in wrapping int64 arithmetic,
@@ -484,7 +435,6 @@ def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor
     z = (z ^ ((z >> 27) & 0x1FFFFFFFFF)) * -7723592293110705685
     z = z ^ ((z >> 31) & 0x1FFFFFFFF)
     return (((z >> 41) & 0x7FFFFF).float() + 0.5) / 2**23  # 23 bits: never 0 or 1 in float32
-
 
 class GumbelSampler:
     """Samples softmax(logits / T) exactly, as argmax(logits / T + Gumbel noise). The noise is a
@@ -500,7 +450,6 @@ class GumbelSampler:
         uniform = counter_uniform(self.seeds, self.step * vocab + torch.arange(vocab, device=scores.device))
         self.step += 1
         return scores.float() / self.temperature - torch.log(-torch.log(uniform))
-
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompt_ids: list, repeats: int, eos_ids: set, autocast, device,
@@ -520,100 +469,69 @@ def sample_completions(model, tokenizer, prompt_ids: list, repeats: int, eos_ids
     return {"input_ids": sequences, "attention_mask": torch.cat([mask, torch.ones_like(completion)], 1),
             "mask": cmask, "texts": texts}
 
-
-# ----------------------------------------------------------------------------- advantages
-def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True) -> torch.Tensor:
-    """rewards [groups, G] -> (r - mean) / (std + 1e-4); an all-equal group gives zeros."""
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    return centred / (rewards.std(dim=1, keepdim=True) + 1e-4) if scale_by_std else centred
-
-
-# ----------------------------------------------------------------------------- loss
-def clipped_surrogate(logp, old_logp, advantages, eps_low: float, eps_high: float) -> tuple:
-    """Per-token min(rho A, clip(rho) A); also returns where the clip is active."""
-    ratio = torch.exp(logp - old_logp)
-    unclipped, clipped = ratio * advantages, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages
-    return torch.minimum(unclipped, clipped), (clipped < unclipped).float()
-
-
-def k3_kl(logp, ref_logp) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta."""
-    log_ratio = ref_logp - logp
-    return torch.exp(log_ratio) - log_ratio - 1
-
-
-def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
-    """Per-token weights whose weighted sum is the minibatch's aggregate; micro-batches then sum exactly."""
-    if aggregation == "sequence":  # mean over sequences of each sequence's token mean
-        return mask / mask.sum(1, keepdim=True).clamp(min=1) / mask.shape[0]
-    return mask / mask.sum().clamp(min=1)
-
-
-# ----------------------------------------------------------------------------- training loop
+# ----------------------------------------------------------------------------- training
 def train_lm(args: LMArgs) -> dict:
     validate_lm_args(args)
     rank, world, device = setup_distributed(args.cuda)
-    if args.prompts_per_step % (world * args.num_minibatches):
-        fail(f"--prompts-per-step {args.prompts_per_step} must be a multiple of ranks x --num-minibatches "
-             f"({world} x {args.num_minibatches}): every rank's minibatches hold whole groups")
+    check([(args.prompts_per_step % (world * args.num_minibatches) == 0, f"--prompts-per-step {args.prompts_per_step} "
+            f"must be a multiple of ranks x --num-minibatches ({world} x {args.num_minibatches}): every rank's "
+            "minibatches hold whole groups")])
     seed_everything(args.seed, args.torch_deterministic)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.bf16
-                else contextlib.nullcontext())
-
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16)
     policy, reference, tokenizer, eos_ids = load_lm_policy(args, device)
     judge = load_lm_judge(args, device)
     train_records, eval_records = load_lm_prompts(args, tokenizer)
-    train_ids = encode_prompts(tokenizer, train_records, args.max_prompt_length, eos_ids)
-    eval_ids = encode_prompts(tokenizer, eval_records, args.max_prompt_length, eos_ids)
+    train_ids, eval_ids = (encode_prompts(tokenizer, records, args.max_prompt_length, eos_ids)
+                           for records in (train_records, eval_records))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
-    # Every rank draws the same prompt order and minibatches; sampling is seeded per completion.
-    shared_rng = np.random.default_rng(args.seed)
+    shared_rng = np.random.default_rng(args.seed)  # every rank draws the same prompts and minibatches
     order, cursor, global_step, start_iteration, elapsed, nonfinite = [], 0, 0, 0, 0.0, 0
     run_name = f"{os.path.basename(args.dataset_name.rstrip('/'))}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
-    if args.resume:
-        state, folder = load_checkpoint(args.resume, args, rank, world)
+    if args.resume:  # the run continues in its own folder
+        state, own, run_dir = load_checkpoint(args.resume, args, world)
         policy.load_state_dict(state["policy"])
         optimizer.load_state_dict(state["optimizer"])
         shared_rng.bit_generator.state = state["shared_rng"]
         order, cursor, global_step, start_iteration, elapsed, nonfinite = (
             state[k] for k in ("order", "cursor", "global_step", "iteration", "elapsed", "nonfinite"))
-        run_dir = os.path.dirname(os.path.abspath(folder))  # the run continues in its own folder
         run_name = os.path.basename(run_dir)
     model = torch.nn.parallel.DistributedDataParallel(policy, broadcast_buffers=False) if world > 1 else policy
-    writer = make_writer(args, run_dir, purge_step=global_step + 1 if args.resume else None) if rank == 0 else None
-    stop = StopSignal()
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if args.resume else None) if rank == 0 else None
+    if writer:  # a resumed run writes on in its own folder; TensorBoard drops what it logged after the checkpoint
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+            f"|{k}|{v}|" for k, v in vars(args).items()))
+    STOP["signum"] = 0
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     G, batch_groups, local_groups = args.group_size, args.prompts_per_step, args.prompts_per_step // world
     print(f"{run_name}: {len(train_records)} train / {len(eval_records)} eval prompts on {device}"
-          + (f", rank {rank} of {world}" if world > 1 else "") + (f", resumed at iteration {start_iteration}" if args.resume else ""))
+          + (f", rank {rank} of {world}" if world > 1 else "")
+          + (f", resumed at iteration {start_iteration}" if args.resume else ""))
 
     def evaluate(iteration: int) -> dict:
         """Policy vs reference on held-out prompts, judged by the same reward source (rank 0).
         Not training time: the training clock `start` moves past it."""
         nonlocal start
         tick = time.time()
-        ours, theirs = (sample_completions(m, tokenizer, eval_ids, 1, eos_ids, autocast, device,
-                                           [sampling_seed(args.seed, stream, iteration, p) for p in range(len(eval_ids))],
-                                           args.temperature) for stream, m in ((1, policy), (2, reference)))
+        ours, theirs = (sample_completions(
+            m, tokenizer, eval_ids, 1, eos_ids, autocast, device,
+            [sampling_seed(args.seed, stream, iteration, p) for p in range(len(eval_ids))], args.temperature)
+            for stream, m in ((1, policy), (2, reference)))
         s_ours, s_ref = judge(eval_records, ours["texts"]), judge(eval_records, theirs["texts"])
         kl = k3_kl(batched_logprobs(policy, ours, args, autocast), batched_logprobs(reference, ours, args, autocast))
-        result = {"eval/win_rate": ((s_ours > s_ref).float() + 0.5 * (s_ours == s_ref).float()).mean().item(),
-                  "eval/score": s_ours.mean().item(), "eval/reference_score": s_ref.mean().item(),
-                  # per token, in the units of losses/kl
-                  "eval/kl_to_reference": ((kl * ours["mask"]).sum() / ours["mask"].sum()).item(),
-                  "eval/completion_length": ours["mask"].sum(1).mean().item()}
         start += time.time() - tick
-        return result
+        return {"eval/win_rate": ((s_ours > s_ref).float() + 0.5 * (s_ours == s_ref).float()).mean().item(),
+                "eval/score": s_ours.mean().item(), "eval/reference_score": s_ref.mean().item(),
+                "eval/kl_to_reference": ((kl * ours["mask"]).sum() / ours["mask"].sum()).item(),  # per token
+                "eval/completion_length": ours["mask"].sum(1).mean().item()}
 
     def checkpoint(iteration: int) -> str:
-        folder = os.path.join(run_dir, "checkpoint")
-        save_checkpoint(folder, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "shared_rng": shared_rng.bit_generator.state, "order": order, "cursor": cursor,
-                                 "global_step": global_step, "iteration": iteration, "elapsed": time.time() - start, "nonfinite": nonfinite,
-                                 "world_size": world, "args": asdict(args)}, rank)
-        return folder
+        return save_checkpoint(os.path.join(run_dir, "checkpoint"), {
+            "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+            "shared_rng": shared_rng.bit_generator.state, "order": order, "cursor": cursor, "global_step": global_step,
+            "iteration": iteration, "elapsed": time.time() - start, "nonfinite": nonfinite, "args": asdict(args)})
 
     # Old log-probs equal the current ones when each batch gets exactly one optimizer
     # step (that step starts at theta_old): then the separate no-grad pass is skipped.
@@ -623,7 +541,8 @@ def train_lm(args: LMArgs) -> dict:
         metrics = evaluate(0)
         for key, value in metrics.items():
             writer.add_scalar(key, value, global_step)
-        print(f"before training | eval win {metrics['eval/win_rate']:.3f} | eval score {metrics['eval/score']:.3f}", flush=True)
+        print(f"before training | eval win {metrics['eval/win_rate']:.3f} | eval score {metrics['eval/score']:.3f}",
+              flush=True)
     for iteration in range(start_iteration + 1, args.num_iterations + 1):
         # ---- rollout: this rank's prompts x G completions, scores, old and reference log-probs
         batch_prompts = []
@@ -632,11 +551,12 @@ def train_lm(args: LMArgs) -> dict:
                 order, cursor = shared_rng.permutation(len(train_ids)).tolist(), 0
             batch_prompts.append(order[cursor])
             cursor += 1
-        positions = range(rank * local_groups, (rank + 1) * local_groups)
-        seeds = [sampling_seed(args.seed, 0, iteration, p, j) for p in positions for j in range(G)]
-        batch = sample_completions(policy, tokenizer, [train_ids[batch_prompts[p]] for p in positions], G, eos_ids,
-                                   autocast, device, seeds, args.temperature)
-        rewards = judge([train_records[batch_prompts[p]] for p in positions for _ in range(G)], batch["texts"])
+        prompts = [batch_prompts[p] for p in range(rank * local_groups, (rank + 1) * local_groups)]
+        seeds = [sampling_seed(args.seed, 0, iteration, rank * local_groups + p, j)
+                 for p in range(local_groups) for j in range(G)]
+        batch = sample_completions(policy, tokenizer, [train_ids[p] for p in prompts], G, eos_ids, autocast, device,
+                                   seeds, args.temperature)
+        rewards = judge([train_records[p] for p in prompts for _ in range(G)], batch["texts"])
         mask = batch["mask"]
         old_logp = None if reuse_old else batched_logprobs(policy, batch, args, autocast)
         anchored_to_ref = args.beta > 0 and args.kl_anchor == "ref"
@@ -648,79 +568,77 @@ def train_lm(args: LMArgs) -> dict:
 
         # ---- loss: clipped surrogate minus beta * k3 KL, over minibatches of whole groups
         stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
-        num_updates = 0
-        for epoch in range(args.update_epochs):
-            for groups in np.array_split(shared_rng.permutation(local_groups), args.num_minibatches):
-                rows = torch.from_numpy((groups[:, None] * G + np.arange(G)).reshape(-1)).to(device)
-                weights = loss_weights(mask[rows], args.loss_aggregation)
-                if args.loss_aggregation == "token" and world > 1:  # DDP averages ranks: weigh by this rank's token share
-                    weights = weights * mask[rows].sum() * world / all_sum(mask[rows].sum())
-                optimizer.zero_grad()
-                micros = torch.split(torch.arange(len(rows), device=device), args.micro_batch_size)
-                for m, micro in enumerate(micros):
-                    idx, w = rows[micro], weights[micro]
-                    # DDP averages gradients across ranks once, on the last micro-batch
-                    with model.no_sync() if world > 1 and m < len(micros) - 1 else contextlib.nullcontext():
-                        with autocast:
-                            logp = token_logprobs(model, batch["input_ids"][idx], batch["attention_mask"][idx],
-                                                  mask.shape[1], args.temperature)
-                        old = logp.detach() if reuse_old else old_logp[idx]
-                        surrogate, clipped = clipped_surrogate(logp, old, advantages[idx, None], args.clip_eps_low, args.clip_eps_high)
-                        anchor = ref_logp[idx] if anchored_to_ref else old
-                        kl = k3_kl(logp, anchor) if args.beta > 0 else torch.zeros_like(logp)
-                        loss = -(w * (surrogate - args.beta * kl)).sum()
-                        loss.backward()
-                    stats["policy_loss"] += -(w * surrogate).sum().item()
-                    stats["kl"] += (w * kl).sum().item()
-                    stats["clipfrac"] += (w * clipped).sum().item()
-                    stats["approx_kl"] += (w * k3_kl(old, logp.detach())).sum().item()
-                    stats["entropy"] += -(w * logp.detach()).sum().item()  # sampled-token estimate
-                # A non-finite loss or gradient skips the step instead of poisoning the weights
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                num_updates += 1
-                if not torch.isfinite(grad_norm):
-                    nonfinite, nonfinite_in_a_row = nonfinite + 1, nonfinite_in_a_row + 1
-                    optimizer.zero_grad()
-                    if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                        folder = checkpoint(iteration)
-                        fail(f"{nonfinite_in_a_row} non-finite losses or gradients in a row at iteration {iteration}; "
-                             f"checkpoint in {folder}. Lower --learning-rate or check the rewards, then --resume it")
-                    continue
-                nonfinite_in_a_row = 0
-                stats["grad_norm"] += grad_norm.item()  # before clipping
-                optimizer.step()
+        minibatches = [g for _ in range(args.update_epochs)
+                       for g in np.array_split(shared_rng.permutation(local_groups), args.num_minibatches)]
+        for groups in minibatches:
+            rows = torch.from_numpy((groups[:, None] * G + np.arange(G)).reshape(-1)).to(device)
+            weights = loss_weights(mask[rows], args.loss_aggregation)
+            if args.loss_aggregation == "token" and world > 1:  # DDP averages ranks: weigh by this rank's token share
+                weights = weights * mask[rows].sum() * world / all_sum(mask[rows].sum())
+            optimizer.zero_grad()
+            micros = torch.split(torch.arange(len(rows), device=device), args.micro_batch_size)
+            for m, micro in enumerate(micros):
+                idx, w = rows[micro], weights[micro]
+                if world > 1:  # DDP averages gradients across ranks once, on the last micro-batch
+                    model.require_backward_grad_sync = m == len(micros) - 1
+                with autocast:
+                    logp = token_logprobs(model, batch["input_ids"][idx], batch["attention_mask"][idx], mask.shape[1],
+                                          args.temperature)
+                old = logp.detach() if reuse_old else old_logp[idx]
+                surrogate, clipped = clipped_surrogate(logp, old, advantages[idx, None], args.clip_eps_low,
+                                                       args.clip_eps_high)
+                kl = k3_kl(logp, ref_logp[idx] if anchored_to_ref else old) if args.beta > 0 else torch.zeros_like(logp)
+                (-(w * (surrogate - args.beta * kl)).sum()).backward()
+                for key, value in zip(stats, (-(w * surrogate), w * kl, w * clipped, w * k3_kl(old, logp.detach()),
+                                              -(w * logp.detach()))):  # entropy: the sampled-token estimate
+                    stats[key] += value.sum().item()
+            # A non-finite loss or gradient skips the step instead of poisoning the weights
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            finite = bool(torch.isfinite(grad_norm))
+            nonfinite, nonfinite_in_a_row = nonfinite + (not finite), 0 if finite else nonfinite_in_a_row + 1
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                fail(f"{nonfinite_in_a_row} non-finite losses or gradients in a row at iteration {iteration}; "
+                     f"checkpoint in {checkpoint(iteration)}. Lower --learning-rate or check the rewards, "
+                     "then --resume it")
+            stats["grad_norm"] += grad_norm.item() if finite else 0.0  # before clipping
+            optimizer.step() if finite else optimizer.zero_grad()
 
         # ---- logging (rank 0 logs the whole batch)
         elapsed = time.time() - start
         all_rewards, lengths = all_gather(rewards.to(device)), all_gather(mask.sum(1))
-        stat_means = all_sum(torch.tensor(list(stats.values()), device=device)) / world / num_updates
+        stat_means = all_sum(torch.tensor(list(stats.values()), device=device)) / world / len(minibatches)
         metrics = {"charts/score": all_rewards.mean().item(), "charts/score_std": all_rewards.std().item(),
                    "charts/completion_length": lengths.mean().item(),
                    "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                   "charts/nonfinite_skipped_steps": nonfinite, "charts/SPS": global_step / elapsed}
-        metrics.update({f"losses/{k}": v.item() for k, v in zip(stats, stat_means)})
-        stopping = all_sum(torch.tensor([float(stop.signum > 0)], device=device)).item() > 0  # all ranks stop together
+                   "charts/nonfinite_skipped_steps": nonfinite, "charts/SPS": global_step / elapsed,
+                   **{f"losses/{k}": v.item() for k, v in zip(stats, stat_means)}}
+        # all ranks stop together
+        stopping = all_sum(torch.tensor([float(STOP["signum"] > 0)], device=device)).item() > 0
         if rank == 0:
             if iteration % args.eval_every == 0 or iteration == args.num_iterations:
                 metrics.update(evaluate(iteration))
             for key, value in metrics.items():
                 writer.add_scalar(key, value, global_step)
             eval_note = f" | eval win {metrics['eval/win_rate']:.3f}" if "eval/win_rate" in metrics else ""
-            print(f"iter {iteration}/{args.num_iterations} | step {global_step} | score {metrics['charts/score']:.3f} | "
+            eta = (time.time() - resumed_at) / (iteration - start_iteration) * (args.num_iterations - iteration)
+            print(f"iter {iteration}/{args.num_iterations} | step {global_step} | "
+                  f"score {metrics['charts/score']:.3f} | "
                   f"len {metrics['charts/completion_length']:.1f} | kl {metrics['losses/kl']:.4f}{eval_note} | "
-                  f"{metrics['charts/SPS']:.1f} completions/s | "
-                  f"ETA {format_eta((time.time() - resumed_at) / (iteration - start_iteration) * (args.num_iterations - iteration))}", flush=True)
+                  f"{metrics['charts/SPS']:.1f} completions/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+                  flush=True)
         if stopping or (args.checkpoint_every and iteration % args.checkpoint_every == 0):
             folder = checkpoint(iteration)
         if stopping:
-            print(f"stopped by {signal.Signals(stop.signum).name if stop.signum else 'a signal'} at iteration {iteration}; "
-                  f"continue with --resume {folder}", flush=True)
+            signum = STOP["signum"] or signal.SIGTERM
+            print(f"stopped by {signal.Signals(signum).name} at iteration {iteration}; continue with --resume {folder}",
+                  flush=True)
             if writer:
                 writer.close()
             if world > 1:
                 torch.distributed.destroy_process_group()
-            sys.exit(128 + (stop.signum or signal.SIGTERM))
-    stop.restore()
+            sys.exit(128 + signum)
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
     if world > 1:  # leave together: a rank that exits while its peers still hold connections can abort the job
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -739,7 +657,6 @@ def train_lm(args: LMArgs) -> dict:
     print("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
           + (f" model={os.path.join(run_dir, 'model')}" if args.save_model else ""))
     return summary
-
 
 if __name__ == "__main__":
     train_lm(tyro.cli(LMArgs))

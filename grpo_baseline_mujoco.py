@@ -97,15 +97,42 @@ class MujocoArgs:
     """full episodes from fresh resets with the mean action, per evaluation"""
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- the algorithm: advantages and loss
+def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True) -> torch.Tensor:
+    """rewards [groups, G] -> (r - mean) / (std + 1e-4); an all-equal group gives zeros."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    return centred / (rewards.std(dim=1, keepdim=True) + 1e-4) if scale_by_std else centred
+
+def clipped_surrogate(logp, old_logp, advantages, eps_low: float, eps_high: float) -> tuple:
+    """Per-token min(rho A, clip(rho) A); also returns where the clip is active."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped, clipped = ratio * advantages, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages
+    return torch.minimum(unclipped, clipped), (clipped < unclipped).float()
+
+def k3_kl(logp, ref_logp) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Per-token weights whose weighted sum is the minibatch's aggregate; micro-batches then sum exactly."""
+    if aggregation == "sequence":  # mean over sequences of each sequence's token mean
+        return mask / mask.sum(1, keepdim=True).clamp(min=1) / mask.shape[0]
+    return mask / mask.sum().clamp(min=1)
+
+# ----------------------------------------------------------------------------- plumbing: errors, survival
 def fail(message: str):
     """Bad input ends the run with one line, never a library stack trace."""
     raise SystemExit(f"error: {message}")
 
-
 def first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
+def check(conditions: list):
+    """Argument checks as a table of (holds, message): the first that fails ends the run."""
+    for holds, message in conditions:
+        if not holds:
+            fail(message)
 
 def seed_everything(seed: int, deterministic: bool):
     random.seed(seed)
@@ -113,79 +140,69 @@ def seed_everything(seed: int, deterministic: bool):
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = deterministic
 
+STOP = {"signum": 0}
 
-def make_writer(args, run_dir: str, purge_step: Optional[int] = None) -> SummaryWriter:
-    """A resumed run writes on in its own folder; TensorBoard drops what it logged after the checkpoint."""
-    writer = SummaryWriter(run_dir, purge_step=purge_step)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return writer
-
-
-# ----------------------------------------------------------------------------- survival
-class StopSignal:
-    """SIGINT/SIGTERM ask for a stop: the loop checkpoints after the current iteration and
-    exits. A second signal stops at once."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"{signal.Signals(signum).name}: stopping with a checkpoint after this iteration (again: stop now)", flush=True)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
+def on_signal(signum, frame):
+    """SIGINT/SIGTERM: checkpoint after the current iteration and exit; a second signal stops at once."""
+    if STOP["signum"]:
+        raise KeyboardInterrupt
+    STOP["signum"] = signum
+    print(f"{signal.Signals(signum).name}: stopping with a checkpoint after this iteration (again: stop now)",
+          flush=True)
 
 # A resumed run must be the run it continues: these may change, nothing else may.
 RESUMABLE_ARGS = {"resume", "checkpoint_every", "num_iterations", "total_timesteps", "eval_every", "output_dir",
                   "cuda", "micro_batch_size", "gradient_checkpointing", "save_model", "max_nonfinite_steps"}
 
-
-def save_checkpoint(folder: str, state: dict, rank: int):
-    """Rank 0 writes the shared state, every rank its own random streams; each file is
-    written under a temporary name and renamed, so a kill mid-write leaves the old one."""
-    os.makedirs(folder, exist_ok=True)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+def save_checkpoint(folder: str, state: dict, own: Optional[dict] = None) -> str:
+    """One file, `state.pt`: the run's state and every rank's own state and random streams. Rank 0
+    writes it under a temporary name and renames it, so a kill mid-write leaves the old one."""
+    own = {**(own or {}), "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    for name, obj in [(f"rng_rank{rank}.pt", rng)] + ([("state.pt", state)] if rank == 0 else []):
-        torch.save(obj, os.path.join(folder, name + ".tmp"))
-        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
-    if torch.distributed.is_initialized():
+    ranks, dist = [own], torch.distributed.is_initialized()
+    if dist:
+        torch.distributed.all_gather_object(ranks := [None] * torch.distributed.get_world_size(), own)
+    if not dist or torch.distributed.get_rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+        torch.save({**state, "ranks": ranks}, os.path.join(folder, "state.pt.tmp"))
+        os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
+    if dist:
         torch.distributed.barrier()
+    return folder
 
-
-def load_checkpoint(path: str, args, rank: int, world: int) -> tuple:
-    """(state, checkpoint folder); restores this rank's random streams. Our own files hold
-    numpy states, hence weights_only=False: load only checkpoints you wrote."""
+def load_checkpoint(path: str, args, world: int) -> tuple:
+    """(state, this rank's own state, run folder), this rank's random streams restored. The file
+    holds numpy states, hence weights_only=False: load only checkpoints you wrote."""
     folder = path if os.path.isfile(os.path.join(path, "state.pt")) else os.path.join(path, "checkpoint")
-    if not os.path.isfile(os.path.join(folder, "state.pt")):
-        fail(f"--resume {path!r}: no checkpoint there (expected state.pt in it or in its checkpoint/ folder)")
+    check([(os.path.isfile(os.path.join(folder, "state.pt")),
+            f"--resume {path!r}: no checkpoint there (expected state.pt in it or in its checkpoint/ folder)")])
     state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
     differ = [k for k, v in asdict(args).items() if k not in RESUMABLE_ARGS and state["args"].get(k) != v]
-    if differ:
-        fail(f"--resume {path!r}: the run used different " + ", ".join(
-            f"--{k.replace('_', '-')} {state['args'].get(k)!r}" for k in differ) + "; pass the same values")
-    if state["world_size"] != world:
-        fail(f"--resume {path!r}: the run had {state['world_size']} ranks; launch it with {state['world_size']}, not {world}")
-    rng = torch.load(os.path.join(folder, f"rng_rank{rank}.pt"), weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state, folder
+    check([(not differ, f"--resume {path!r}: the run used different " + ", ".join(
+        f"--{k.replace('_', '-')} {state['args'].get(k)!r}" for k in differ) + "; pass the same values"),
+           (len(state["ranks"]) == world, f"--resume {path!r}: the run had {len(state['ranks'])} ranks; "
+            f"launch it with {len(state['ranks'])}, not {world}")])
+    own = state["ranks"][torch.distributed.get_rank() if torch.distributed.is_initialized() else 0]
+    random.setstate(own["python"])
+    np.random.set_state(own["numpy"])
+    torch.set_rng_state(own["torch"])
+    if own["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(own["cuda"])
+    return state, own, os.path.dirname(os.path.abspath(folder))
 
-
-def format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
+def validate_mujoco_args(args: MujocoArgs):
+    at_least_one = ["num_trunks", "segment_length", "update_epochs", "num_minibatches", "eval_every",
+                    "num_eval_episodes", "total_timesteps", "torch_threads", "max_nonfinite_steps"]
+    check([(args.group_size >= 2, f"--group-size must be at least 2 (got {args.group_size}): "
+             "a group of one has no comparison")]
+          + [(getattr(args, k) >= 1, f"--{k.replace('_', '-')} must be at least 1 (got {getattr(args, k)})")
+             for k in at_least_one]
+          + [(args.checkpoint_every >= 0, f"--checkpoint-every must be 0 (off) or positive "
+              f"(got {args.checkpoint_every})"),
+             (0 <= args.num_workers <= args.num_trunks * args.group_size, f"--num-workers must lie in [0, N*G = "
+              f"{args.num_trunks * args.group_size}] (got {args.num_workers})"),
+             (args.num_trunks % args.num_minibatches == 0, f"--num-minibatches {args.num_minibatches} must divide "
+              f"--num-trunks {args.num_trunks} (minibatches hold whole groups)")])
 
 # ----------------------------------------------------------------------------- policy
 class RunningMeanStd:
@@ -204,12 +221,10 @@ class RunningMeanStd:
     def normalize(self, x: np.ndarray) -> np.ndarray:
         return np.clip((x - self.mean) / np.sqrt(self.var + 1e-8), -10.0, 10.0).astype(np.float32)
 
-
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
     return layer
-
 
 class GaussianPolicy(torch.nn.Module):
     """Diagonal Gaussian with a state-independent log-std (CleanRL's continuous PPO actor)."""
@@ -226,7 +241,6 @@ class GaussianPolicy(torch.nn.Module):
         mean = self.mean(obs)
         return torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean))
 
-
 # ----------------------------------------------------------------------------- branched rollouts
 def make_mujoco_env(env_id: str, **kwargs):
     import gymnasium as gym
@@ -234,136 +248,112 @@ def make_mujoco_env(env_id: str, **kwargs):
 
     # MuJoCo 4 warns at every compile that the v4 XMLs use `settotalmass`: with N*G
     # branches that is dozens of identical lines. Every other MuJoCo warning still prints.
-    mujoco.set_mju_user_warning(lambda msg: None if "settotalmass" in msg else print(f"MuJoCo warning: {msg}", file=sys.stderr))
+    mujoco.set_mju_user_warning(
+        lambda msg: None if "settotalmass" in msg else print(f"MuJoCo warning: {msg}", file=sys.stderr))
     try:
         env = gym.make(env_id, **kwargs)
     except Exception as exc:
         fail(f"--env-id {env_id!r}: could not make the environment ({first_line(exc)})")
-    if not hasattr(env.unwrapped, "set_state") or not hasattr(env.unwrapped, "data"):
-        fail(f"--env-id {env_id!r} is not a MuJoCo environment with set_state: branches cannot be restored")
+    check([(hasattr(env.unwrapped, "set_state") and hasattr(env.unwrapped, "data"),
+            f"--env-id {env_id!r} is not a MuJoCo environment with set_state: branches cannot be restored")])
     return env
-
 
 def snapshot(env) -> np.ndarray:
     """MuJoCo's integration state: qpos and qvel, and also activations and the solver's warm
     start, without which restored branches drift apart by ~1e-15 per contact-rich step."""
     import mujoco
 
-    model, data = env.unwrapped.model, env.unwrapped.data
-    state = np.empty(mujoco.mj_stateSize(model, mujoco.mjtState.mjSTATE_INTEGRATION))
-    mujoco.mj_getState(model, data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
+    state = np.empty(mujoco.mj_stateSize(env.unwrapped.model, mujoco.mjtState.mjSTATE_INTEGRATION))
+    mujoco.mj_getState(env.unwrapped.model, env.unwrapped.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
     return state
-
 
 def restore(env, state: np.ndarray):
     import mujoco
 
-    model, data = env.unwrapped.model, env.unwrapped.data
-    mujoco.mj_setState(model, data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
-    mujoco.mj_forward(model, data)
+    mujoco.mj_setState(env.unwrapped.model, env.unwrapped.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
+    mujoco.mj_forward(env.unwrapped.model, env.unwrapped.data)
 
+def branch_call(envs: list, method: str, arg):
+    """One call on a slice of the branches: `restore` their states, `step` (actions, active) them,
+    or `snapshot` some. Inactive branches do not step; their rows of (obs, rewards, terminated) are 0."""
+    if method == "restore":
+        return [restore(env, state) for env, state in zip(envs, arg)]
+    if method == "snapshot":
+        return [snapshot(envs[i]) for i in arg]
+    (actions, active), B = arg, len(envs)
+    obs, rewards, terminated = np.zeros((B, envs[0].observation_space.shape[0])), np.zeros(B), np.zeros(B, dtype=bool)
+    for i in np.flatnonzero(active):
+        obs[i], rewards[i], terminated[i], _, _ = envs[i].step(actions[i])
+    return obs, rewards, terminated
 
-class Branches:
-    """The branch simulators, stepped in this process."""
+def make_branches(env_id: str, num: int, seed: int) -> list:
+    """Unwrapped simulators: the trunk keeps the episode clock."""
+    envs = [make_mujoco_env(env_id).unwrapped for _ in range(num)]
+    for i, env in enumerate(envs):
+        env.reset(seed=seed + i)
+    return envs
 
-    def __init__(self, envs: list, seed: Optional[int] = None):
-        self.envs, self.action_space = envs, envs[0].action_space
-        for i, env in enumerate(envs if seed is not None else []):
-            env.reset(seed=seed + i)
-
-    def __len__(self):
-        return len(self.envs)
-
-    def restore(self, states: list):
-        for env, state in zip(self.envs, states):
-            restore(env, state)
-
-    def step(self, actions: np.ndarray, active: np.ndarray) -> tuple:
-        """Steps the active branches; the other rows of (obs, rewards, terminated) are zeros."""
-        obs = np.zeros((len(self.envs), self.envs[0].observation_space.shape[0]))
-        rewards, terminated = np.zeros(len(self.envs)), np.zeros(len(self.envs), dtype=bool)
-        for i in np.flatnonzero(active):
-            obs[i], rewards[i], terminated[i], _, _ = self.envs[i].step(actions[i])
-        return obs, rewards, terminated
-
-    def snapshot(self, i: int) -> np.ndarray:
-        return snapshot(self.envs[i])
-
-    def close(self):
-        pass
-
-
-def branch_worker(conn, env_id: str, num_branches: int, seed: int):
-    """A worker process: owns a slice of the branches and runs the calls it is sent."""
+def branch_worker(conn, env_id: str, num: int, seed: int):
+    """A worker process: owns a slice of the branches and runs the calls it is sent until None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    branches = Branches([make_mujoco_env(env_id).unwrapped for _ in range(num_branches)], seed)
-    while True:
-        method, call_args = conn.recv()
-        if method == "close":
-            return
-        conn.send(getattr(branches, method)(*call_args))
+    envs = make_branches(env_id, num, seed)
+    for method, arg in iter(conn.recv, None):
+        conn.send(branch_call(envs, method, arg))
 
+class Branches:
+    """The N*G branch simulators, stepped in this process or split in contiguous slices over
+    `num_workers` processes, so several cores step them at once (one message per worker per call;
+    the results are identical). `envs` steps given simulators in this process."""
 
-class WorkerBranches:
-    """The same branches split into contiguous slices over worker processes, so several
-    cores step them at once; each step is one message per worker. Results are identical."""
-
-    def __init__(self, env_id: str, num_branches: int, seed: int, num_workers: int):
+    def __init__(self, env_id: str, num: int, seed: int, num_workers: int = 0, envs: Optional[list] = None):
         self.action_space = make_mujoco_env(env_id).action_space
-        self.slices = np.array_split(np.arange(num_branches), num_workers)
-        self.num_branches, self.conns = num_branches, []
+        self.slices, self.conns = np.array_split(np.arange(num), max(num_workers, 1)), []
+        self.envs = envs or ([] if num_workers else make_branches(env_id, num, seed))
         context = multiprocessing.get_context("fork")  # workers never touch torch
-        for part in self.slices:
+        for part in self.slices if num_workers else []:
             conn, child = context.Pipe()
-            context.Process(target=branch_worker, args=(child, env_id, len(part), seed + int(part[0])), daemon=True).start()
-            child.close()
+            context.Process(target=branch_worker, args=(child, env_id, len(part), seed + int(part[0])),
+                            daemon=True).start()
             self.conns.append(conn)
 
-    def __len__(self):
-        return self.num_branches
-
-    def call(self, method: str, per_worker_args: list) -> list:
-        for conn, call_args in zip(self.conns, per_worker_args):
-            conn.send((method, call_args))
+    def call(self, method: str, args_per_slice: list) -> list:
+        if not self.conns:
+            return [branch_call(self.envs, method, args_per_slice[0])]
+        for conn, arg in zip(self.conns, args_per_slice):
+            conn.send((method, arg))
         try:
             return [conn.recv() for conn in self.conns]
         except EOFError:
             fail("a branch worker process died (see its error above); rerun with --num-workers 0 to see it here")
 
     def restore(self, states: list):
-        self.call("restore", [([states[i] for i in part],) for part in self.slices])
+        self.call("restore", [[states[i] for i in part] for part in self.slices])
 
     def step(self, actions: np.ndarray, active: np.ndarray) -> tuple:
-        parts = self.call("step", [(actions[part], active[part]) for part in self.slices])
-        return tuple(np.concatenate(column) for column in zip(*parts))
+        return tuple(np.concatenate(c) for c in zip(*self.call("step", [(actions[p], active[p]) for p in self.slices])))
 
-    def snapshot(self, i: int) -> np.ndarray:
-        w = next(w for w, part in enumerate(self.slices) if part[0] <= i <= part[-1])
-        self.conns[w].send(("snapshot", (i - int(self.slices[w][0]),)))
-        return self.conns[w].recv()
+    def snapshot(self, indices: list) -> list:
+        """The states of the given branches (in ascending order), one message per worker."""
+        parts = self.call("snapshot", [[i - part[0] for i in indices if part[0] <= i <= part[-1]]
+                                       for part in self.slices])
+        return [state for part in parts for state in part]
 
     def close(self):
         for conn in self.conns:
-            conn.send(("close", ()))
-
+            conn.send(None)
 
 @torch.no_grad()
 def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_rms, args, device) -> dict:
     """Restore each trunk's state into its G branches and step all N*G of them H steps.
-
-    A branch stops at termination or at its trunk's time limit; later steps are masked.
-    """
-    G, H = args.group_size, args.segment_length
-    B = len(branches)
+    A branch stops at termination or at its trunk's time limit; later steps are masked."""
+    G, H, B = args.group_size, args.segment_length, len(trunk_states) * args.group_size
     branches.restore([trunk_states[i // G] for i in range(B)])
-    obs = np.repeat(trunk_obs, G, axis=0)
-    limit = np.repeat(np.minimum(steps_left, H), G)
+    obs, limit = np.repeat(trunk_obs, G, axis=0), np.repeat(np.minimum(steps_left, H), G)
     raw_obs = np.zeros((B, H, obs.shape[1]))
     actions = np.zeros((B, H, branches.action_space.shape[0]), dtype=np.float32)
     logp, rewards, mask = np.zeros((B, H), np.float32), np.zeros((B, H)), np.zeros((B, H), np.float32)
-    terminated = np.zeros(B, dtype=bool)
-    low, high = branches.action_space.low, branches.action_space.high
+    terminated, low, high = np.zeros(B, dtype=bool), branches.action_space.low, branches.action_space.high
     for t in range(H):
         active = ~terminated & (t < limit)
         if not active.any():
@@ -374,10 +364,10 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
         raw_obs[active, t], actions[active, t] = obs[active], action.cpu().numpy()[active]
         logp[active, t] = dist.log_prob(action).sum(-1).cpu().numpy()[active]
         step_obs, step_rewards, step_terminated = branches.step(np.clip(actions[:, t], low, high), active)
-        obs[active], rewards[active, t], terminated[active] = step_obs[active], step_rewards[active], step_terminated[active]
-    return {"raw_obs": raw_obs, "actions": actions, "logp": logp, "mask": mask, "rewards": rewards, "scores": rewards.sum(1),
-            "end_obs": obs, "terminated": terminated, "lengths": mask.sum(1).astype(int)}
-
+        obs[active], rewards[active, t] = step_obs[active], step_rewards[active]
+        terminated[active] = step_terminated[active]
+    return {"raw_obs": raw_obs, "actions": actions, "logp": logp, "mask": mask, "rewards": rewards,
+            "scores": rewards.sum(1), "end_obs": obs, "terminated": terminated, "lengths": mask.sum(1).astype(int)}
 
 def check_video(env_id: str):
     """--capture-video fails at the start, not after the whole run: gymnasium's RecordVideo
@@ -392,89 +382,39 @@ def check_video(env_id: str):
     except Exception as exc:
         fail(f"--capture-video: cannot record ({first_line(exc)}); it needs moviepy and a MuJoCo renderer")
 
-
 @torch.no_grad()
 def evaluate_mujoco(policy, obs_rms, args, num_episodes: int, seed: int, device, video_folder=None) -> list:
     """Full episodes from fresh resets, acting with the mean action."""
+    import gymnasium as gym
+
     envs = [make_mujoco_env(args.env_id, render_mode="rgb_array" if video_folder and i == 0 else None)
             for i in range(num_episodes)]
     if video_folder:
-        import gymnasium as gym
-
-        try:
-            envs[0] = gym.wrappers.RecordVideo(envs[0], video_folder, episode_trigger=lambda _: True)
-        except Exception as exc:
-            fail(f"--capture-video: cannot record ({first_line(exc)})")
+        envs[0] = gym.wrappers.RecordVideo(envs[0], video_folder, episode_trigger=lambda _: True)
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
     returns, done = np.zeros(num_episodes), np.zeros(num_episodes, dtype=bool)
     while not done.all():
         mean_action = policy(torch.as_tensor(obs_rms.normalize(obs), device=device)).mean.cpu().numpy()
         for i in np.flatnonzero(~done):
-            obs[i], reward, terminated, truncated, _ = envs[i].step(np.clip(mean_action[i], envs[i].action_space.low, envs[i].action_space.high))
-            returns[i] += reward
-            done[i] = terminated or truncated
+            low, high = envs[i].action_space.low, envs[i].action_space.high
+            obs[i], reward, terminated, truncated, _ = envs[i].step(np.clip(mean_action[i], low, high))
+            returns[i], done[i] = returns[i] + reward, terminated or truncated
     for env in envs:
         env.close()
     return returns.tolist()
 
-
-# ----------------------------------------------------------------------------- advantages
-def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True) -> torch.Tensor:
-    """rewards [groups, G] -> (r - mean) / (std + 1e-4); an all-equal group gives zeros."""
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    return centred / (rewards.std(dim=1, keepdim=True) + 1e-4) if scale_by_std else centred
-
-
-# ----------------------------------------------------------------------------- loss
-def clipped_surrogate(logp, old_logp, advantages, eps_low: float, eps_high: float) -> tuple:
-    """Per-token min(rho A, clip(rho) A); also returns where the clip is active."""
-    ratio = torch.exp(logp - old_logp)
-    unclipped, clipped = ratio * advantages, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages
-    return torch.minimum(unclipped, clipped), (clipped < unclipped).float()
-
-
-def k3_kl(logp, ref_logp) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta."""
-    log_ratio = ref_logp - logp
-    return torch.exp(log_ratio) - log_ratio - 1
-
-
-def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
-    """Per-token weights whose weighted sum is the minibatch's aggregate; micro-batches then sum exactly."""
-    if aggregation == "sequence":  # mean over sequences of each sequence's token mean
-        return mask / mask.sum(1, keepdim=True).clamp(min=1) / mask.shape[0]
-    return mask / mask.sum().clamp(min=1)
-
-
-# ----------------------------------------------------------------------------- training loop
+# ----------------------------------------------------------------------------- training
 def train_mujoco(args: MujocoArgs) -> dict:
-    if args.group_size < 2:
-        fail(f"--group-size must be at least 2 (got {args.group_size}): a group of one has no comparison")
-    for flag, value in [("--num-trunks", args.num_trunks), ("--segment-length", args.segment_length),
-                        ("--update-epochs", args.update_epochs), ("--num-minibatches", args.num_minibatches),
-                        ("--eval-every", args.eval_every), ("--num-eval-episodes", args.num_eval_episodes),
-                        ("--total-timesteps", args.total_timesteps), ("--torch-threads", args.torch_threads),
-                        ("--max-nonfinite-steps", args.max_nonfinite_steps)]:
-        if value < 1:
-            fail(f"{flag} must be at least 1 (got {value})")
-    if args.checkpoint_every < 0:
-        fail(f"--checkpoint-every must be 0 (off) or positive (got {args.checkpoint_every})")
-    if not 0 <= args.num_workers <= args.num_trunks * args.group_size:
-        fail(f"--num-workers must lie in [0, N*G = {args.num_trunks * args.group_size}] (got {args.num_workers})")
-    if args.num_trunks % args.num_minibatches:
-        fail(f"--num-minibatches {args.num_minibatches} must divide --num-trunks {args.num_trunks} (minibatches hold whole groups)")
+    validate_mujoco_args(args)
     seed_everything(args.seed, args.torch_deterministic)
     torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
     N, G, H = args.num_trunks, args.group_size, args.segment_length
     reset_env = make_mujoco_env(args.env_id)
     if args.capture_video:
         check_video(args.env_id)
     max_steps = reset_env.spec.max_episode_steps or 1000
-    # the trunk keeps the clock, so branches are unwrapped simulators
-    branches = (WorkerBranches(args.env_id, N * G, args.seed + 1, args.num_workers) if args.num_workers else
-                Branches([make_mujoco_env(args.env_id).unwrapped for _ in range(N * G)], args.seed + 1))
+    branches = Branches(args.env_id, N * G, args.seed + 1, args.num_workers)
     reset_env.reset(seed=args.seed)
     obs_dim, act_dim = reset_env.observation_space.shape[0], reset_env.action_space.shape[0]
     policy = GaussianPolicy(obs_dim, act_dim, args.log_std_init).to(device)
@@ -487,13 +427,12 @@ def train_mujoco(args: MujocoArgs) -> dict:
         return snapshot(reset_env), obs
 
     trunk_states, trunk_obs = map(list, zip(*[new_episode() for _ in range(N)]))
-    trunk_obs = np.stack(trunk_obs)
-    trunk_t, trunk_return = np.zeros(N, dtype=int), np.zeros(N)
+    trunk_obs, trunk_t, trunk_return = np.stack(trunk_obs), np.zeros(N, dtype=int), np.zeros(N)
     global_step, iteration, train_time, recent_returns, eval_returns, nonfinite = 0, 0, 0.0, [], [], 0
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     if args.resume:  # everything the next iteration reads: weights, statistics, trunks, clocks, random streams
-        state, folder = load_checkpoint(args.resume, args, 0, 1)
+        state, _, run_dir = load_checkpoint(args.resume, args, 1)
         policy.load_state_dict(state["policy"])
         optimizer.load_state_dict(state["optimizer"])
         if reference is not None:
@@ -504,21 +443,23 @@ def train_mujoco(args: MujocoArgs) -> dict:
          eval_returns, nonfinite) = (state[k] for k in (
             "trunk_states", "trunk_obs", "trunk_t", "trunk_return", "global_step", "iteration", "train_time",
             "recent_returns", "eval_returns", "nonfinite"))
-        run_dir = os.path.dirname(os.path.abspath(folder))  # the run continues in its own folder
         run_name = os.path.basename(run_dir)
-    writer = make_writer(args, run_dir, purge_step=global_step + 1 if args.resume else None)
-    stop, nonfinite_in_a_row = StopSignal(), 0
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if args.resume else None)
+    # a resumed run writes on in its own folder; TensorBoard drops what it logged after the checkpoint
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+        f"|{k}|{v}|" for k, v in vars(args).items()))
+    STOP["signum"], nonfinite_in_a_row = 0, 0
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def checkpoint() -> str:
-        folder = os.path.join(run_dir, "checkpoint")
-        save_checkpoint(folder, {
+        return save_checkpoint(os.path.join(run_dir, "checkpoint"), {
             "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
             "reference": reference.state_dict() if reference is not None else None,
-            "obs_rms": (obs_rms.mean, obs_rms.var, obs_rms.count), "reset_rng": reset_env.unwrapped.np_random.bit_generator.state,
-            "trunk_states": trunk_states, "trunk_obs": trunk_obs, "trunk_t": trunk_t, "trunk_return": trunk_return,
-            "global_step": global_step, "iteration": iteration, "train_time": train_time, "recent_returns": recent_returns,
-            "eval_returns": eval_returns, "nonfinite": nonfinite, "world_size": 1, "args": asdict(args)}, 0)
-        return folder
+            "obs_rms": (obs_rms.mean, obs_rms.var, obs_rms.count),
+            "reset_rng": reset_env.unwrapped.np_random.bit_generator.state, "trunk_states": trunk_states,
+            "trunk_obs": trunk_obs, "trunk_t": trunk_t, "trunk_return": trunk_return, "global_step": global_step,
+            "iteration": iteration, "train_time": train_time, "recent_returns": recent_returns,
+            "eval_returns": eval_returns, "nonfinite": nonfinite, "args": asdict(args)})
 
     print(f"{run_name}: N={N} trunks x G={G} branches x H={H} steps per iteration on {device}"
           + (f", resumed at step {global_step}" if args.resume else ""))
@@ -533,22 +474,20 @@ def train_mujoco(args: MujocoArgs) -> dict:
         global_step += int(batch["lengths"].sum())
         obs = torch.as_tensor(obs_rms.normalize(batch["raw_obs"]), device=device)
         obs_rms.update(batch["raw_obs"][batch["mask"] > 0])  # frozen until the next iteration
-        actions, old_logp = torch.as_tensor(batch["actions"], device=device), torch.as_tensor(batch["logp"], device=device)
-        mask = torch.as_tensor(batch["mask"], device=device)
+        actions, old_logp, mask = (torch.as_tensor(batch[k], device=device) for k in ("actions", "logp", "mask"))
         ref_logp = reference(obs).log_prob(actions).sum(-1) if reference is not None else None
 
         # ---- trunks continue from one uniformly chosen branch; episodes end at termination or the time limit
-        for n in range(N):
-            i = n * G + np.random.randint(G)
-            trunk_return[n] += batch["scores"][i]
-            trunk_t[n] += batch["lengths"][i]
+        chosen = [n * G + np.random.randint(G) for n in range(N)]
+        for n, i, branch_state in zip(range(N), chosen, branches.snapshot(chosen)):
+            trunk_return[n], trunk_t[n] = trunk_return[n] + batch["scores"][i], trunk_t[n] + batch["lengths"][i]
             if batch["terminated"][i] or trunk_t[n] >= max_steps:
                 writer.add_scalar("charts/episodic_return", trunk_return[n], global_step)
                 writer.add_scalar("charts/episodic_length", trunk_t[n], global_step)
                 recent_returns = (recent_returns + [trunk_return[n]])[-20:]
                 (trunk_states[n], trunk_obs[n]), trunk_t[n], trunk_return[n] = new_episode(), 0, 0.0
             else:
-                trunk_states[n], trunk_obs[n] = branches.snapshot(i), batch["end_obs"][i]
+                trunk_states[n], trunk_obs[n] = branch_state, batch["end_obs"][i]
 
         # ---- advantages: normalised within each group, shared by every step of a segment
         scores = torch.as_tensor(batch["scores"], dtype=torch.float32, device=device)
@@ -556,33 +495,30 @@ def train_mujoco(args: MujocoArgs) -> dict:
 
         # ---- loss: clipped surrogate (minus beta * k3 KL), over minibatches of whole groups
         stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "grad_norm": 0.0}
-        num_updates = 0
-        for epoch in range(args.update_epochs):
-            for groups in np.array_split(np.random.permutation(N), args.num_minibatches):
-                rows = torch.from_numpy((groups[:, None] * G + np.arange(G)).reshape(-1)).to(device)
-                weights = loss_weights(mask[rows], args.loss_aggregation)
-                logp = policy(obs[rows]).log_prob(actions[rows]).sum(-1)
-                surrogate, clipped = clipped_surrogate(logp, old_logp[rows], advantages[rows, None], args.clip_eps_low, args.clip_eps_high)
-                anchor = ref_logp[rows] if reference is not None else old_logp[rows]
-                kl = k3_kl(logp, anchor) if args.beta > 0 else torch.zeros_like(logp)
-                loss = -(weights * (surrogate - args.beta * kl)).sum()
-                optimizer.zero_grad()
-                loss.backward()
-                num_updates += 1
-                stats["policy_loss"] += -(weights * surrogate).sum().item()
-                stats["kl"] += (weights * kl).sum().item()
-                stats["clipfrac"] += (weights * clipped).sum().item()
-                stats["approx_kl"] += (weights * k3_kl(old_logp[rows], logp.detach())).sum().item()
-                # A non-finite loss or gradient skips the step instead of poisoning the weights
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                if not torch.isfinite(grad_norm):
-                    nonfinite, nonfinite_in_a_row = nonfinite + 1, nonfinite_in_a_row + 1
-                    if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                        fail(f"{nonfinite_in_a_row} non-finite losses or gradients in a row at step {global_step}; "
-                             f"checkpoint in {checkpoint()}. Lower --learning-rate, then --resume it")
-                    continue
-                nonfinite_in_a_row = 0
-                stats["grad_norm"] += grad_norm.item()  # before clipping
+        minibatches = [g for _ in range(args.update_epochs)
+                       for g in np.array_split(np.random.permutation(N), args.num_minibatches)]
+        for groups in minibatches:
+            rows = torch.from_numpy((groups[:, None] * G + np.arange(G)).reshape(-1)).to(device)
+            weights = loss_weights(mask[rows], args.loss_aggregation)
+            logp = policy(obs[rows]).log_prob(actions[rows]).sum(-1)
+            surrogate, clipped = clipped_surrogate(logp, old_logp[rows], advantages[rows, None], args.clip_eps_low,
+                                                   args.clip_eps_high)
+            anchor = (ref_logp if reference is not None else old_logp)[rows]
+            kl = k3_kl(logp, anchor) if args.beta > 0 else torch.zeros_like(logp)
+            optimizer.zero_grad()
+            (-(weights * (surrogate - args.beta * kl)).sum()).backward()
+            for key, value in zip(stats, (-(weights * surrogate), weights * kl, weights * clipped,
+                                          weights * k3_kl(old_logp[rows], logp.detach()))):
+                stats[key] += value.sum().item()
+            # A non-finite loss or gradient skips the step instead of poisoning the weights
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            finite = bool(torch.isfinite(grad_norm))
+            nonfinite, nonfinite_in_a_row = nonfinite + (not finite), 0 if finite else nonfinite_in_a_row + 1
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                fail(f"{nonfinite_in_a_row} non-finite losses or gradients in a row at step {global_step}; "
+                     f"checkpoint in {checkpoint()}. Lower --learning-rate, then --resume it")
+            stats["grad_norm"] += grad_norm.item() if finite else 0.0  # before clipping
+            if finite:
                 optimizer.step()
         train_time += time.time() - tick
 
@@ -591,34 +527,38 @@ def train_mujoco(args: MujocoArgs) -> dict:
                    "charts/segment_return": batch["scores"].mean(), "charts/segment_length": batch["lengths"].mean(),
                    "losses/entropy": policy(obs[:1]).entropy().sum(-1).mean().item(),
                    "losses/log_std": policy.log_std.mean().item(), "charts/nonfinite_skipped_steps": nonfinite,
-                   **{f"losses/{k}": v / num_updates for k, v in stats.items()}}
+                   **{f"losses/{k}": v / len(minibatches) for k, v in stats.items()}}
         last = global_step >= args.total_timesteps
         if iteration % args.eval_every == 0 or last:
             video = os.path.join("videos", run_name) if args.capture_video and last else None
-            eval_returns = evaluate_mujoco(policy, obs_rms, args, args.num_eval_episodes, args.seed + 10_000 * iteration, device, video)
+            eval_returns = evaluate_mujoco(policy, obs_rms, args, args.num_eval_episodes,
+                                           args.seed + 10_000 * iteration, device, video)
             metrics["eval/episodic_return"] = float(np.mean(eval_returns))
         for key, value in metrics.items():
             writer.add_scalar(key, value, global_step)
         if "eval/episodic_return" in metrics:
             train_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
+            eta = (args.total_timesteps - global_step) / metrics["charts/SPS"]
             print(f"iter {iteration} | step {global_step}/{args.total_timesteps} | episodic return {train_return} | "
                   f"eval return {metrics['eval/episodic_return']:.1f} | SPS {metrics['charts/SPS']:.0f} | "
-                  f"ETA {format_eta((args.total_timesteps - global_step) / metrics['charts/SPS'])}", flush=True)
-        if stop.signum or (args.checkpoint_every and iteration % args.checkpoint_every == 0):
+                  f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+        if STOP["signum"] or (args.checkpoint_every and iteration % args.checkpoint_every == 0):
             folder = checkpoint()
-        if stop.signum:
-            print(f"stopped by {signal.Signals(stop.signum).name} at step {global_step}; continue with --resume {folder}", flush=True)
+        if STOP["signum"]:
+            print(f"stopped by {signal.Signals(STOP['signum']).name} at step {global_step}; "
+                  f"continue with --resume {folder}", flush=True)
             writer.close()
-            sys.exit(128 + stop.signum)
-    stop.restore()
+            sys.exit(128 + STOP["signum"])
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
     branches.close()
-
     if args.save_model:
         torch.save({"policy": policy.state_dict(), "obs_mean": obs_rms.mean, "obs_var": obs_rms.var,
                     "obs_count": obs_rms.count, "env_id": args.env_id, "args": asdict(args)},
                    os.path.join(run_dir, "model.pt"))
     summary = {"run_name": run_name, "global_step": global_step, "iterations": iteration,
-               "train_seconds": round(train_time, 1), "SPS": round(global_step / train_time), "nonfinite_skipped_steps": nonfinite,
+               "train_seconds": round(train_time, 1), "SPS": round(global_step / train_time),
+               "nonfinite_skipped_steps": nonfinite,
                "episodic_return": float(np.mean(recent_returns)) if recent_returns else None,
                "eval/episodic_return": float(np.mean(eval_returns))}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
@@ -627,7 +567,6 @@ def train_mujoco(args: MujocoArgs) -> dict:
     print("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
           + (f" model={os.path.join(run_dir, 'model.pt')}" if args.save_model else ""))
     return summary
-
 
 if __name__ == "__main__":
     train_mujoco(tyro.cli(MujocoArgs))

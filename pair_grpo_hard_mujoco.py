@@ -15,8 +15,8 @@ our earlier MPO-style target (section 4.2) under a dual-ascent multiplier.
 """
 import copy
 import json
-import multiprocessing
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -82,7 +82,7 @@ class MujocoArgs:
     num_minibatches: int = 8
     """minibatches per pass; each holds whole groups and makes one optimizer step"""
     target: Literal["pair-shift", "group-softmax"] = "pair-shift"
-    """`pair-shift`: the paper's 1/G + delta_t A, reverse-KL fit, hinge; `group-softmax`: softmax(A / eta), dual ascent"""
+    """`pair-shift`: the paper's 1/G + delta_t A, reverse-KL fit, hinge; `group-softmax`: softmax(A/eta), dual ascent"""
     delta0: float = 0.1
     """pair-shift: the step delta_0, the mass a branch moves per unit of net win rate (below 1/G)"""
     delta_decay: float = 0.999
@@ -127,15 +127,110 @@ class MujocoArgs:
     """full episodes from fresh resets with the mean action, per evaluation"""
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- the algorithm: teacher, target, fit
+def teacher_labels(scores: torch.Tensor, kind: str, tau: float = 0.05, flip_prob: float = 0.1,
+                   tie_margin: float = 0.02, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Hidden scores [groups, G] -> labels z [groups, G, G], z_ij = 1 when y_i is preferred.
+    One query per pair i < j; z_ji = 1 - z_ij and z_ii = 1/2, so labels are antisymmetric."""
+    diff = scores[:, :, None] - scores[:, None, :]
+    oracle = (diff > 0).float() + 0.5 * (diff == 0).float()
+    if kind == "oracle":
+        labels = oracle
+    elif kind == "stochastic":  # Bradley-Terry: a noisy teacher that still prefers the better one
+        labels = torch.bernoulli(torch.sigmoid(diff / tau), generator=generator)
+    elif kind == "mistake":
+        labels = torch.where(torch.rand(diff.shape, generator=generator) < flip_prob, 1 - oracle, oracle)
+    elif kind == "equal":  # cannot tell close ones apart
+        labels = torch.where(diff.abs() < tie_margin, torch.full_like(oracle, 0.5), oracle)
+    else:
+        fail(f"unknown teacher {kind!r}")
+    upper = torch.ones(diff.shape[1:], dtype=torch.bool).triu(diagonal=1)
+    labels = torch.where(upper, labels, 1 - labels.transpose(1, 2))
+    labels.diagonal(dim1=1, dim2=2).fill_(0.5)
+    return labels
+
+def label_agreement(labels: torch.Tensor, scores: torch.Tensor) -> float:
+    """Fraction of the queried pairs (i < j) whose label equals the oracle's."""
+    upper = torch.ones(labels.shape[1:], dtype=torch.bool).triu(diagonal=1)
+    return (labels == teacher_labels(scores, "oracle"))[:, upper].float().mean().item()
+
+def myopic_scores(rewards: torch.Tensor, lengths: torch.Tensor, gamma: float) -> torch.Tensor:
+    """B-Pref's myopic teacher: step t of a length-L segment weighs gamma^(L-1-t)."""
+    age = lengths[:, None] - 1 - torch.arange(rewards.shape[1], device=rewards.device)
+    return (rewards * torch.where(age >= 0, gamma ** age.clamp(min=0).double(), 0.0)).sum(1)
+
+def net_win_rate(labels: torch.Tensor, scale_by_std: bool = False) -> torch.Tensor:
+    """labels [groups, G, G] -> A_i = (1/(G-1)) sum_{j != i} (2 z_ij - 1), in [-1, 1], summing to 0."""
+    advantages = (2 * labels - 1).sum(dim=2) / (labels.shape[1] - 1)  # z_ii = 1/2 adds nothing
+    return advantages / (advantages.std(dim=1, keepdim=True) + 1e-4) if scale_by_std else advantages
+
+def pair_shift_target(advantages: torch.Tensor, delta: float) -> torch.Tensor:
+    """The paper's target q_i = 1/G + delta * A_i: every labelled pair moves delta / (G-1) of mass from
+    its rejected to its preferred member, starting from the group's uniform sampling distribution.
+    A response that wins as often as it loses keeps 1/G; positive whenever delta < 1/G."""
+    return 1.0 / advantages.shape[1] + delta * advantages
+
+def reverse_kl_fit(q: torch.Tensor, log_ratios: torch.Tensor) -> torch.Tensor:
+    """Per group KL(p_theta || q), p_theta = softmax(log_ratios): the paper's direction. It stops pulling
+    once p_theta = q, so delta_t bounds how far one batch moves the group."""
+    log_p = torch.log_softmax(log_ratios, dim=1)
+    return (log_p.exp() * (log_p - torch.log(q))).sum(1)
+
+def target_distribution(advantages: torch.Tensor, eps_q: float, steps: int = 40) -> tuple:
+    """group-softmax: q = softmax(A / eta) per group, eta the smallest temperature with KL(q || uniform)
+    <= eps_q, the best re-weighting of the group within that ball. Bisection in log eta, all groups at
+    once. A group whose advantages are all equal carries no signal: q = uniform, eta = inf."""
+    A, G = advantages.double(), advantages.shape[1]
+    lo, hi = torch.full(A.shape[:1], -12.0, dtype=torch.float64), torch.full(A.shape[:1], 12.0, dtype=torch.float64)
+    for _ in range(steps):  # KL(q || u) falls as eta grows
+        mid = (lo + hi) / 2
+        log_q = torch.log_softmax(A / mid.exp()[:, None], dim=1)
+        too_sharp = (log_q.exp() * (log_q + math.log(G))).sum(1) > eps_q
+        lo, hi = torch.where(too_sharp, mid, lo), torch.where(too_sharp, hi, mid)
+    flat = (A.max(1).values - A.min(1).values) == 0
+    q = torch.where(flat[:, None], torch.full_like(A, 1.0 / G), torch.softmax(A / hi.exp()[:, None], dim=1))
+    return q.float(), torch.where(flat, torch.full_like(hi, math.inf), hi.exp()).float()
+
+def sequence_log_ratios(logp, old_logp, mask) -> torch.Tensor:
+    """l_i = (1/T_i) sum_t (log pi_theta - log pi_old): the length-normalised sequence log-ratio."""
+    return ((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+def kl_to_target(q: torch.Tensor, log_ratios: torch.Tensor) -> torch.Tensor:
+    """group-softmax: per group KL(q || p_theta), p_theta = softmax(log_ratios): 0 once the group matches q."""
+    return (torch.xlogy(q, q) - q * torch.log_softmax(log_ratios, dim=1)).sum(1)
+
+def gaussian_kl(old_mean, old_std, mean, std) -> torch.Tensor:
+    """Exact per-step KL(pi_old || pi_theta) between diagonal Gaussians, summed over action dims."""
+    return (torch.log(std / old_std) + (old_std**2 + (old_mean - mean) ** 2) / (2 * std**2) - 0.5).sum(-1)
+
+def dual_ascent(alpha: float, k_old: float, eps_pi: float, lr_alpha: float) -> float:
+    """group-softmax: projected dual ascent, tighter when the policy moved more than eps_pi, looser when less."""
+    return max(0.0, alpha + lr_alpha * (k_old - eps_pi))
+
+def k3_kl(logp, ref_logp) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Per-token weights whose weighted sum is the minibatch's aggregate; micro-batches then sum exactly."""
+    if aggregation == "sequence":  # mean over sequences of each sequence's token mean
+        return mask / mask.sum(1, keepdim=True).clamp(min=1) / mask.shape[0]
+    return mask / mask.sum().clamp(min=1)
+
+# ----------------------------------------------------------------------------- plumbing: errors, survival
 def fail(message: str):
     """Bad input ends the run with one line, never a library stack trace."""
     raise SystemExit(f"error: {message}")
 
-
 def first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
+def check(conditions: list):
+    """Argument checks as a table of (holds, message): the first that fails ends the run."""
+    for holds, message in conditions:
+        if not holds:
+            fail(message)
 
 def seed_everything(seed: int, deterministic: bool):
     random.seed(seed)
@@ -143,79 +238,81 @@ def seed_everything(seed: int, deterministic: bool):
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = deterministic
 
+STOP = {"signum": 0}
 
-def make_writer(args, run_dir: str, purge_step: Optional[int] = None) -> SummaryWriter:
-    """A resumed run writes on in its own folder; TensorBoard drops what it logged after the checkpoint."""
-    writer = SummaryWriter(run_dir, purge_step=purge_step)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return writer
-
-
-# ----------------------------------------------------------------------------- survival
-class StopSignal:
-    """SIGINT/SIGTERM ask for a stop: the loop checkpoints after the current iteration and
-    exits. A second signal stops at once."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"{signal.Signals(signum).name}: stopping with a checkpoint after this iteration (again: stop now)", flush=True)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
+def on_signal(signum, frame):
+    """SIGINT/SIGTERM: checkpoint after the current iteration and exit; a second signal stops at once."""
+    if STOP["signum"]:
+        raise KeyboardInterrupt
+    STOP["signum"] = signum
+    print(f"{signal.Signals(signum).name}: stopping with a checkpoint after this iteration (again: stop now)",
+          flush=True)
 
 # A resumed run must be the run it continues: these may change, nothing else may.
 RESUMABLE_ARGS = {"resume", "checkpoint_every", "num_iterations", "total_timesteps", "eval_every", "output_dir",
                   "cuda", "micro_batch_size", "gradient_checkpointing", "save_model", "max_nonfinite_steps"}
 
-
-def save_checkpoint(folder: str, state: dict, rank: int):
-    """Rank 0 writes the shared state, every rank its own random streams; each file is
-    written under a temporary name and renamed, so a kill mid-write leaves the old one."""
-    os.makedirs(folder, exist_ok=True)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+def save_checkpoint(folder: str, state: dict, own: Optional[dict] = None) -> str:
+    """One file, `state.pt`: the run's state and every rank's own state and random streams. Rank 0
+    writes it under a temporary name and renames it, so a kill mid-write leaves the old one."""
+    own = {**(own or {}), "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    for name, obj in [(f"rng_rank{rank}.pt", rng)] + ([("state.pt", state)] if rank == 0 else []):
-        torch.save(obj, os.path.join(folder, name + ".tmp"))
-        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
-    if torch.distributed.is_initialized():
+    ranks, dist = [own], torch.distributed.is_initialized()
+    if dist:
+        torch.distributed.all_gather_object(ranks := [None] * torch.distributed.get_world_size(), own)
+    if not dist or torch.distributed.get_rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+        torch.save({**state, "ranks": ranks}, os.path.join(folder, "state.pt.tmp"))
+        os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
+    if dist:
         torch.distributed.barrier()
+    return folder
 
-
-def load_checkpoint(path: str, args, rank: int, world: int) -> tuple:
-    """(state, checkpoint folder); restores this rank's random streams. Our own files hold
-    numpy states, hence weights_only=False: load only checkpoints you wrote."""
+def load_checkpoint(path: str, args, world: int) -> tuple:
+    """(state, this rank's own state, run folder), this rank's random streams restored. The file
+    holds numpy states, hence weights_only=False: load only checkpoints you wrote."""
     folder = path if os.path.isfile(os.path.join(path, "state.pt")) else os.path.join(path, "checkpoint")
-    if not os.path.isfile(os.path.join(folder, "state.pt")):
-        fail(f"--resume {path!r}: no checkpoint there (expected state.pt in it or in its checkpoint/ folder)")
+    check([(os.path.isfile(os.path.join(folder, "state.pt")),
+            f"--resume {path!r}: no checkpoint there (expected state.pt in it or in its checkpoint/ folder)")])
     state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
     differ = [k for k, v in asdict(args).items() if k not in RESUMABLE_ARGS and state["args"].get(k) != v]
-    if differ:
-        fail(f"--resume {path!r}: the run used different " + ", ".join(
-            f"--{k.replace('_', '-')} {state['args'].get(k)!r}" for k in differ) + "; pass the same values")
-    if state["world_size"] != world:
-        fail(f"--resume {path!r}: the run had {state['world_size']} ranks; launch it with {state['world_size']}, not {world}")
-    rng = torch.load(os.path.join(folder, f"rng_rank{rank}.pt"), weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state, folder
+    check([(not differ, f"--resume {path!r}: the run used different " + ", ".join(
+        f"--{k.replace('_', '-')} {state['args'].get(k)!r}" for k in differ) + "; pass the same values"),
+           (len(state["ranks"]) == world, f"--resume {path!r}: the run had {len(state['ranks'])} ranks; "
+            f"launch it with {len(state['ranks'])}, not {world}")])
+    own = state["ranks"][torch.distributed.get_rank() if torch.distributed.is_initialized() else 0]
+    random.setstate(own["python"])
+    np.random.set_state(own["numpy"])
+    torch.set_rng_state(own["torch"])
+    if own["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(own["cuda"])
+    return state, own, os.path.dirname(os.path.abspath(folder))
 
-
-def format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
+def validate_mujoco_args(args: MujocoArgs):
+    at_least_one = ["num_trunks", "segment_length", "update_epochs", "num_minibatches", "eval_every",
+                    "num_eval_episodes", "total_timesteps", "torch_threads", "max_nonfinite_steps"]
+    check([(args.group_size >= 2, f"--group-size must be at least 2 (got {args.group_size}): "
+             "a group of one has no comparison")]
+          + [(getattr(args, k) >= 1, f"--{k.replace('_', '-')} must be at least 1 (got {getattr(args, k)})")
+             for k in at_least_one]
+          + [(args.checkpoint_every >= 0, f"--checkpoint-every must be 0 (off) or positive "
+              f"(got {args.checkpoint_every})"),
+             (0 <= args.num_workers <= args.num_trunks * args.group_size, f"--num-workers must lie in [0, N*G = "
+              f"{args.num_trunks * args.group_size}] (got {args.num_workers})"),
+             (args.num_trunks % args.num_minibatches == 0, f"--num-minibatches {args.num_minibatches} must divide "
+              f"--num-trunks {args.num_trunks} (minibatches hold whole groups)"),
+             (args.teacher_tau > 0 and 0 <= args.teacher_flip_prob <= 1 and args.teacher_tie_margin >= 0
+              and 0 < args.teacher_gamma <= 1, "--teacher-tau must be positive, --teacher-flip-prob in [0, 1], "
+              "--teacher-tie-margin non-negative, --teacher-gamma in (0, 1]"),
+             (args.update_epochs * args.num_minibatches >= 2, "--update-epochs x --num-minibatches must be at least 2: "
+              "at theta_old the fit and the trust region have no gradient"),
+             (args.eps_q > 0 and args.eps_pi > 0 and min(args.alpha_init, args.lr_alpha, args.beta) >= 0,
+              "--eps-q and --eps-pi must be positive; --alpha-init, --lr-alpha and --beta non-negative"),
+             (args.target != "pair-shift" or 0 < args.delta0 < 1 / args.group_size, f"--delta0 must lie in (0, 1/G) = "
+              f"(0, {1 / args.group_size:.4g}) for --group-size {args.group_size} (got {args.delta0}): the target "
+              "1/G + delta_t A_i must stay positive"),
+             (0 < args.delta_decay <= 1 and min(args.alpha, args.trust_region_kl) >= 0,
+              "--delta-decay must lie in (0, 1]; --alpha and --trust-region-kl must be non-negative")])
 
 # ----------------------------------------------------------------------------- policy
 class RunningMeanStd:
@@ -234,12 +331,10 @@ class RunningMeanStd:
     def normalize(self, x: np.ndarray) -> np.ndarray:
         return np.clip((x - self.mean) / np.sqrt(self.var + 1e-8), -10.0, 10.0).astype(np.float32)
 
-
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
     return layer
-
 
 class GaussianPolicy(torch.nn.Module):
     """Diagonal Gaussian with a state-independent log-std (CleanRL's continuous PPO actor)."""
@@ -256,7 +351,6 @@ class GaussianPolicy(torch.nn.Module):
         mean = self.mean(obs)
         return torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean))
 
-
 # ----------------------------------------------------------------------------- branched rollouts
 def make_mujoco_env(env_id: str, **kwargs):
     import gymnasium as gym
@@ -264,136 +358,112 @@ def make_mujoco_env(env_id: str, **kwargs):
 
     # MuJoCo 4 warns at every compile that the v4 XMLs use `settotalmass`: with N*G
     # branches that is dozens of identical lines. Every other MuJoCo warning still prints.
-    mujoco.set_mju_user_warning(lambda msg: None if "settotalmass" in msg else print(f"MuJoCo warning: {msg}", file=sys.stderr))
+    mujoco.set_mju_user_warning(
+        lambda msg: None if "settotalmass" in msg else print(f"MuJoCo warning: {msg}", file=sys.stderr))
     try:
         env = gym.make(env_id, **kwargs)
     except Exception as exc:
         fail(f"--env-id {env_id!r}: could not make the environment ({first_line(exc)})")
-    if not hasattr(env.unwrapped, "set_state") or not hasattr(env.unwrapped, "data"):
-        fail(f"--env-id {env_id!r} is not a MuJoCo environment with set_state: branches cannot be restored")
+    check([(hasattr(env.unwrapped, "set_state") and hasattr(env.unwrapped, "data"),
+            f"--env-id {env_id!r} is not a MuJoCo environment with set_state: branches cannot be restored")])
     return env
-
 
 def snapshot(env) -> np.ndarray:
     """MuJoCo's integration state: qpos and qvel, and also activations and the solver's warm
     start, without which restored branches drift apart by ~1e-15 per contact-rich step."""
     import mujoco
 
-    model, data = env.unwrapped.model, env.unwrapped.data
-    state = np.empty(mujoco.mj_stateSize(model, mujoco.mjtState.mjSTATE_INTEGRATION))
-    mujoco.mj_getState(model, data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
+    state = np.empty(mujoco.mj_stateSize(env.unwrapped.model, mujoco.mjtState.mjSTATE_INTEGRATION))
+    mujoco.mj_getState(env.unwrapped.model, env.unwrapped.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
     return state
-
 
 def restore(env, state: np.ndarray):
     import mujoco
 
-    model, data = env.unwrapped.model, env.unwrapped.data
-    mujoco.mj_setState(model, data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
-    mujoco.mj_forward(model, data)
+    mujoco.mj_setState(env.unwrapped.model, env.unwrapped.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
+    mujoco.mj_forward(env.unwrapped.model, env.unwrapped.data)
 
+def branch_call(envs: list, method: str, arg):
+    """One call on a slice of the branches: `restore` their states, `step` (actions, active) them,
+    or `snapshot` some. Inactive branches do not step; their rows of (obs, rewards, terminated) are 0."""
+    if method == "restore":
+        return [restore(env, state) for env, state in zip(envs, arg)]
+    if method == "snapshot":
+        return [snapshot(envs[i]) for i in arg]
+    (actions, active), B = arg, len(envs)
+    obs, rewards, terminated = np.zeros((B, envs[0].observation_space.shape[0])), np.zeros(B), np.zeros(B, dtype=bool)
+    for i in np.flatnonzero(active):
+        obs[i], rewards[i], terminated[i], _, _ = envs[i].step(actions[i])
+    return obs, rewards, terminated
 
-class Branches:
-    """The branch simulators, stepped in this process."""
+def make_branches(env_id: str, num: int, seed: int) -> list:
+    """Unwrapped simulators: the trunk keeps the episode clock."""
+    envs = [make_mujoco_env(env_id).unwrapped for _ in range(num)]
+    for i, env in enumerate(envs):
+        env.reset(seed=seed + i)
+    return envs
 
-    def __init__(self, envs: list, seed: Optional[int] = None):
-        self.envs, self.action_space = envs, envs[0].action_space
-        for i, env in enumerate(envs if seed is not None else []):
-            env.reset(seed=seed + i)
-
-    def __len__(self):
-        return len(self.envs)
-
-    def restore(self, states: list):
-        for env, state in zip(self.envs, states):
-            restore(env, state)
-
-    def step(self, actions: np.ndarray, active: np.ndarray) -> tuple:
-        """Steps the active branches; the other rows of (obs, rewards, terminated) are zeros."""
-        obs = np.zeros((len(self.envs), self.envs[0].observation_space.shape[0]))
-        rewards, terminated = np.zeros(len(self.envs)), np.zeros(len(self.envs), dtype=bool)
-        for i in np.flatnonzero(active):
-            obs[i], rewards[i], terminated[i], _, _ = self.envs[i].step(actions[i])
-        return obs, rewards, terminated
-
-    def snapshot(self, i: int) -> np.ndarray:
-        return snapshot(self.envs[i])
-
-    def close(self):
-        pass
-
-
-def branch_worker(conn, env_id: str, num_branches: int, seed: int):
-    """A worker process: owns a slice of the branches and runs the calls it is sent."""
+def branch_worker(conn, env_id: str, num: int, seed: int):
+    """A worker process: owns a slice of the branches and runs the calls it is sent until None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    branches = Branches([make_mujoco_env(env_id).unwrapped for _ in range(num_branches)], seed)
-    while True:
-        method, call_args = conn.recv()
-        if method == "close":
-            return
-        conn.send(getattr(branches, method)(*call_args))
+    envs = make_branches(env_id, num, seed)
+    for method, arg in iter(conn.recv, None):
+        conn.send(branch_call(envs, method, arg))
 
+class Branches:
+    """The N*G branch simulators, stepped in this process or split in contiguous slices over
+    `num_workers` processes, so several cores step them at once (one message per worker per call;
+    the results are identical). `envs` steps given simulators in this process."""
 
-class WorkerBranches:
-    """The same branches split into contiguous slices over worker processes, so several
-    cores step them at once; each step is one message per worker. Results are identical."""
-
-    def __init__(self, env_id: str, num_branches: int, seed: int, num_workers: int):
+    def __init__(self, env_id: str, num: int, seed: int, num_workers: int = 0, envs: Optional[list] = None):
         self.action_space = make_mujoco_env(env_id).action_space
-        self.slices = np.array_split(np.arange(num_branches), num_workers)
-        self.num_branches, self.conns = num_branches, []
+        self.slices, self.conns = np.array_split(np.arange(num), max(num_workers, 1)), []
+        self.envs = envs or ([] if num_workers else make_branches(env_id, num, seed))
         context = multiprocessing.get_context("fork")  # workers never touch torch
-        for part in self.slices:
+        for part in self.slices if num_workers else []:
             conn, child = context.Pipe()
-            context.Process(target=branch_worker, args=(child, env_id, len(part), seed + int(part[0])), daemon=True).start()
-            child.close()
+            context.Process(target=branch_worker, args=(child, env_id, len(part), seed + int(part[0])),
+                            daemon=True).start()
             self.conns.append(conn)
 
-    def __len__(self):
-        return self.num_branches
-
-    def call(self, method: str, per_worker_args: list) -> list:
-        for conn, call_args in zip(self.conns, per_worker_args):
-            conn.send((method, call_args))
+    def call(self, method: str, args_per_slice: list) -> list:
+        if not self.conns:
+            return [branch_call(self.envs, method, args_per_slice[0])]
+        for conn, arg in zip(self.conns, args_per_slice):
+            conn.send((method, arg))
         try:
             return [conn.recv() for conn in self.conns]
         except EOFError:
             fail("a branch worker process died (see its error above); rerun with --num-workers 0 to see it here")
 
     def restore(self, states: list):
-        self.call("restore", [([states[i] for i in part],) for part in self.slices])
+        self.call("restore", [[states[i] for i in part] for part in self.slices])
 
     def step(self, actions: np.ndarray, active: np.ndarray) -> tuple:
-        parts = self.call("step", [(actions[part], active[part]) for part in self.slices])
-        return tuple(np.concatenate(column) for column in zip(*parts))
+        return tuple(np.concatenate(c) for c in zip(*self.call("step", [(actions[p], active[p]) for p in self.slices])))
 
-    def snapshot(self, i: int) -> np.ndarray:
-        w = next(w for w, part in enumerate(self.slices) if part[0] <= i <= part[-1])
-        self.conns[w].send(("snapshot", (i - int(self.slices[w][0]),)))
-        return self.conns[w].recv()
+    def snapshot(self, indices: list) -> list:
+        """The states of the given branches (in ascending order), one message per worker."""
+        parts = self.call("snapshot", [[i - part[0] for i in indices if part[0] <= i <= part[-1]]
+                                       for part in self.slices])
+        return [state for part in parts for state in part]
 
     def close(self):
         for conn in self.conns:
-            conn.send(("close", ()))
-
+            conn.send(None)
 
 @torch.no_grad()
 def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_rms, args, device) -> dict:
     """Restore each trunk's state into its G branches and step all N*G of them H steps.
-
-    A branch stops at termination or at its trunk's time limit; later steps are masked.
-    """
-    G, H = args.group_size, args.segment_length
-    B = len(branches)
+    A branch stops at termination or at its trunk's time limit; later steps are masked."""
+    G, H, B = args.group_size, args.segment_length, len(trunk_states) * args.group_size
     branches.restore([trunk_states[i // G] for i in range(B)])
-    obs = np.repeat(trunk_obs, G, axis=0)
-    limit = np.repeat(np.minimum(steps_left, H), G)
+    obs, limit = np.repeat(trunk_obs, G, axis=0), np.repeat(np.minimum(steps_left, H), G)
     raw_obs = np.zeros((B, H, obs.shape[1]))
     actions = np.zeros((B, H, branches.action_space.shape[0]), dtype=np.float32)
     logp, rewards, mask = np.zeros((B, H), np.float32), np.zeros((B, H)), np.zeros((B, H), np.float32)
-    terminated = np.zeros(B, dtype=bool)
-    low, high = branches.action_space.low, branches.action_space.high
+    terminated, low, high = np.zeros(B, dtype=bool), branches.action_space.low, branches.action_space.high
     for t in range(H):
         active = ~terminated & (t < limit)
         if not active.any():
@@ -404,10 +474,10 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
         raw_obs[active, t], actions[active, t] = obs[active], action.cpu().numpy()[active]
         logp[active, t] = dist.log_prob(action).sum(-1).cpu().numpy()[active]
         step_obs, step_rewards, step_terminated = branches.step(np.clip(actions[:, t], low, high), active)
-        obs[active], rewards[active, t], terminated[active] = step_obs[active], step_rewards[active], step_terminated[active]
-    return {"raw_obs": raw_obs, "actions": actions, "logp": logp, "mask": mask, "rewards": rewards, "scores": rewards.sum(1),
-            "end_obs": obs, "terminated": terminated, "lengths": mask.sum(1).astype(int)}
-
+        obs[active], rewards[active, t] = step_obs[active], step_rewards[active]
+        terminated[active] = step_terminated[active]
+    return {"raw_obs": raw_obs, "actions": actions, "logp": logp, "mask": mask, "rewards": rewards,
+            "scores": rewards.sum(1), "end_obs": obs, "terminated": terminated, "lengths": mask.sum(1).astype(int)}
 
 def check_video(env_id: str):
     """--capture-video fails at the start, not after the whole run: gymnasium's RecordVideo
@@ -422,179 +492,33 @@ def check_video(env_id: str):
     except Exception as exc:
         fail(f"--capture-video: cannot record ({first_line(exc)}); it needs moviepy and a MuJoCo renderer")
 
-
 @torch.no_grad()
 def evaluate_mujoco(policy, obs_rms, args, num_episodes: int, seed: int, device, video_folder=None) -> list:
     """Full episodes from fresh resets, acting with the mean action."""
+    import gymnasium as gym
+
     envs = [make_mujoco_env(args.env_id, render_mode="rgb_array" if video_folder and i == 0 else None)
             for i in range(num_episodes)]
     if video_folder:
-        import gymnasium as gym
-
-        try:
-            envs[0] = gym.wrappers.RecordVideo(envs[0], video_folder, episode_trigger=lambda _: True)
-        except Exception as exc:
-            fail(f"--capture-video: cannot record ({first_line(exc)})")
+        envs[0] = gym.wrappers.RecordVideo(envs[0], video_folder, episode_trigger=lambda _: True)
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
     returns, done = np.zeros(num_episodes), np.zeros(num_episodes, dtype=bool)
     while not done.all():
         mean_action = policy(torch.as_tensor(obs_rms.normalize(obs), device=device)).mean.cpu().numpy()
         for i in np.flatnonzero(~done):
-            obs[i], reward, terminated, truncated, _ = envs[i].step(np.clip(mean_action[i], envs[i].action_space.low, envs[i].action_space.high))
-            returns[i] += reward
-            done[i] = terminated or truncated
+            low, high = envs[i].action_space.low, envs[i].action_space.high
+            obs[i], reward, terminated, truncated, _ = envs[i].step(np.clip(mean_action[i], low, high))
+            returns[i], done[i] = returns[i] + reward, terminated or truncated
     for env in envs:
         env.close()
     return returns.tolist()
 
-
-# ----------------------------------------------------------------------------- teacher
-def teacher_labels(scores: torch.Tensor, kind: str, tau: float = 0.05, flip_prob: float = 0.1,
-                   tie_margin: float = 0.02, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Hidden scores [groups, G] -> labels z [groups, G, G], z_ij = 1 when y_i is preferred.
-
-    One query per pair i < j; z_ji = 1 - z_ij and z_ii = 1/2, so labels are antisymmetric.
-    """
-    diff = scores[:, :, None] - scores[:, None, :]
-    oracle = (diff > 0).float() + 0.5 * (diff == 0).float()
-    if kind == "oracle":
-        labels = oracle
-    elif kind == "stochastic":  # Bradley-Terry: a noisy teacher that still prefers the better one
-        labels = torch.bernoulli(torch.sigmoid(diff / tau), generator=generator)
-    elif kind == "mistake":
-        labels = torch.where(torch.rand(diff.shape, generator=generator) < flip_prob, 1 - oracle, oracle)
-    elif kind == "equal":  # cannot tell close ones apart
-        labels = torch.where(diff.abs() < tie_margin, torch.full_like(oracle, 0.5), oracle)
-    else:
-        fail(f"unknown teacher {kind!r}")
-    upper = torch.ones(diff.shape[1:], dtype=torch.bool).triu(diagonal=1)
-    labels = torch.where(upper, labels, 1 - labels.transpose(1, 2))
-    labels.diagonal(dim1=1, dim2=2).fill_(0.5)
-    return labels
-
-
-def label_agreement(labels: torch.Tensor, scores: torch.Tensor) -> float:
-    """Fraction of the queried pairs (i < j) whose label equals the oracle's."""
-    upper = torch.ones(labels.shape[1:], dtype=torch.bool).triu(diagonal=1)
-    return (labels == teacher_labels(scores, "oracle"))[:, upper].float().mean().item()
-
-
-def myopic_scores(rewards: torch.Tensor, lengths: torch.Tensor, gamma: float) -> torch.Tensor:
-    """B-Pref's myopic teacher: step t of a length-L segment weighs gamma^(L-1-t)."""
-    steps = torch.arange(rewards.shape[1], device=rewards.device)
-    age = lengths[:, None] - 1 - steps
-    return (rewards * torch.where(age >= 0, gamma ** age.clamp(min=0).double(), 0.0)).sum(1)
-
-
-# ----------------------------------------------------------------------------- advantages
-def net_win_rate(labels: torch.Tensor, scale_by_std: bool = False) -> torch.Tensor:
-    """labels [groups, G, G] -> A_i = (1/(G-1)) sum_{j != i} (2 z_ij - 1), in [-1, 1], summing to 0."""
-    advantages = (2 * labels - 1).sum(dim=2) / (labels.shape[1] - 1)  # z_ii = 1/2 adds nothing
-    return advantages / (advantages.std(dim=1, keepdim=True) + 1e-4) if scale_by_std else advantages
-
-
-# ----------------------------------------------------------------------------- pair-shift target (the paper's)
-def pair_shift_target(advantages: torch.Tensor, delta: float) -> torch.Tensor:
-    """q_i = 1/G + delta * A_i: every labelled pair moves delta / (G-1) of mass from its rejected
-    to its preferred member, starting from the uniform sampling distribution of the group.
-    A response that wins as often as it loses keeps 1/G; positive whenever delta < 1/G."""
-    return 1.0 / advantages.shape[1] + delta * advantages
-
-
-def reverse_kl_fit(q: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Per group KL(p_theta || q), p_theta = softmax(l): the paper's direction. It stops pulling
-    once p_theta = q, so delta_t bounds how far one batch moves the group."""
-    log_p = torch.log_softmax(l, dim=1)
-    return (log_p.exp() * (log_p - torch.log(q))).sum(1)
-
-
-# ----------------------------------------------------------------------------- group-softmax target (E-step)
-def target_distribution(advantages: torch.Tensor, eps_q: float, steps: int = 40) -> tuple:
-    """q = softmax(A / eta) per group, eta the smallest temperature with KL(q || uniform) <= eps_q.
-
-    q maximises sum_i q_i A_i within that KL ball: the best re-weighting of the group that
-    stays eps_q-close to the sampling policy. Bisection in log eta, all groups at once.
-    A group whose advantages are all equal carries no signal: q = uniform, eta = inf.
-    """
-    A, G = advantages.double(), advantages.shape[1]
-    lo, hi = torch.full(A.shape[:1], -12.0, dtype=torch.float64), torch.full(A.shape[:1], 12.0, dtype=torch.float64)
-    for _ in range(steps):  # KL(q || u) falls as eta grows
-        mid = (lo + hi) / 2
-        log_q = torch.log_softmax(A / mid.exp()[:, None], dim=1)
-        too_sharp = (log_q.exp() * (log_q + math.log(G))).sum(1) > eps_q
-        lo, hi = torch.where(too_sharp, mid, lo), torch.where(too_sharp, hi, mid)
-    flat = (A.max(1).values - A.min(1).values) == 0
-    q = torch.where(flat[:, None], torch.full_like(A, 1.0 / G), torch.softmax(A / hi.exp()[:, None], dim=1))
-    return q.float(), torch.where(flat, torch.full_like(hi, math.inf), hi.exp()).float()
-
-
-# ----------------------------------------------------------------------------- the fit and the trust region
-def sequence_log_ratios(logp, old_logp, mask) -> torch.Tensor:
-    """l_i = (1/T_i) sum_t (log pi_theta - log pi_old): the length-normalised sequence log-ratio."""
-    return ((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
-def kl_to_target(q: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Per group KL(q || p_theta), p_theta = softmax(l): zero once the group matches its target."""
-    return (torch.xlogy(q, q) - q * torch.log_softmax(l, dim=1)).sum(1)
-
-
-def gaussian_kl(old_mean, old_std, mean, std) -> torch.Tensor:
-    """Exact per-step KL(pi_old || pi_theta) between diagonal Gaussians, summed over action dims."""
-    return (torch.log(std / old_std) + (old_std**2 + (old_mean - mean) ** 2) / (2 * std**2) - 0.5).sum(-1)
-
-
-def dual_ascent(alpha: float, k_old: float, eps_pi: float, lr_alpha: float) -> float:
-    """Projected dual ascent: tighten when the policy moved more than eps_pi, loosen when less."""
-    return max(0.0, alpha + lr_alpha * (k_old - eps_pi))
-
-
-# ----------------------------------------------------------------------------- loss
-def k3_kl(logp, ref_logp) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta."""
-    log_ratio = ref_logp - logp
-    return torch.exp(log_ratio) - log_ratio - 1
-
-
-def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
-    """Per-token weights whose weighted sum is the minibatch's aggregate; micro-batches then sum exactly."""
-    if aggregation == "sequence":  # mean over sequences of each sequence's token mean
-        return mask / mask.sum(1, keepdim=True).clamp(min=1) / mask.shape[0]
-    return mask / mask.sum().clamp(min=1)
-
-
-# ----------------------------------------------------------------------------- training loop
+# ----------------------------------------------------------------------------- training
 def train_mujoco(args: MujocoArgs) -> dict:
-    if args.group_size < 2:
-        fail(f"--group-size must be at least 2 (got {args.group_size}): a group of one has no comparison")
-    for flag, value in [("--num-trunks", args.num_trunks), ("--segment-length", args.segment_length),
-                        ("--update-epochs", args.update_epochs), ("--num-minibatches", args.num_minibatches),
-                        ("--eval-every", args.eval_every), ("--num-eval-episodes", args.num_eval_episodes),
-                        ("--total-timesteps", args.total_timesteps), ("--torch-threads", args.torch_threads),
-                        ("--max-nonfinite-steps", args.max_nonfinite_steps)]:
-        if value < 1:
-            fail(f"{flag} must be at least 1 (got {value})")
-    if args.checkpoint_every < 0:
-        fail(f"--checkpoint-every must be 0 (off) or positive (got {args.checkpoint_every})")
-    if not 0 <= args.num_workers <= args.num_trunks * args.group_size:
-        fail(f"--num-workers must lie in [0, N*G = {args.num_trunks * args.group_size}] (got {args.num_workers})")
-    if args.teacher_tau <= 0 or not 0 <= args.teacher_flip_prob <= 1 or args.teacher_tie_margin < 0 or not 0 < args.teacher_gamma <= 1:
-        fail("--teacher-tau must be positive, --teacher-flip-prob in [0, 1], --teacher-tie-margin non-negative, --teacher-gamma in (0, 1]")
-    if args.update_epochs * args.num_minibatches < 2:
-        fail("--update-epochs x --num-minibatches must be at least 2: at theta_old the fit and the trust region have no gradient")
-    if args.eps_q <= 0 or args.eps_pi <= 0 or min(args.alpha_init, args.lr_alpha, args.beta) < 0:
-        fail("--eps-q and --eps-pi must be positive; --alpha-init, --lr-alpha and --beta non-negative")
-    if args.target == "pair-shift" and not 0 < args.delta0 < 1 / args.group_size:
-        fail(f"--delta0 must lie in (0, 1/G) = (0, {1 / args.group_size:.4g}) for --group-size {args.group_size} "
-             f"(got {args.delta0}): the target 1/G + delta_t A_i must stay positive")
-    if not 0 < args.delta_decay <= 1 or min(args.alpha, args.trust_region_kl) < 0:
-        fail("--delta-decay must lie in (0, 1]; --alpha and --trust-region-kl must be non-negative")
-    if args.num_trunks % args.num_minibatches:
-        fail(f"--num-minibatches {args.num_minibatches} must divide --num-trunks {args.num_trunks} (minibatches hold whole groups)")
+    validate_mujoco_args(args)
     seed_everything(args.seed, args.torch_deterministic)
     torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
     N, G, H = args.num_trunks, args.group_size, args.segment_length
     pair_shift = args.target == "pair-shift"
     fit_to_target = reverse_kl_fit if pair_shift else kl_to_target
@@ -602,9 +526,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
     if args.capture_video:
         check_video(args.env_id)
     max_steps = reset_env.spec.max_episode_steps or 1000
-    # the trunk keeps the clock, so branches are unwrapped simulators
-    branches = (WorkerBranches(args.env_id, N * G, args.seed + 1, args.num_workers) if args.num_workers else
-                Branches([make_mujoco_env(args.env_id).unwrapped for _ in range(N * G)], args.seed + 1))
+    branches = Branches(args.env_id, N * G, args.seed + 1, args.num_workers)
     reset_env.reset(seed=args.seed)
     obs_dim, act_dim = reset_env.observation_space.shape[0], reset_env.action_space.shape[0]
     policy = GaussianPolicy(obs_dim, act_dim, args.log_std_init).to(device)
@@ -618,13 +540,13 @@ def train_mujoco(args: MujocoArgs) -> dict:
         return snapshot(reset_env), obs
 
     trunk_states, trunk_obs = map(list, zip(*[new_episode() for _ in range(N)]))
-    trunk_obs = np.stack(trunk_obs)
-    trunk_t, trunk_return = np.zeros(N, dtype=int), np.zeros(N)
-    global_step, iteration, train_time, recent_returns, eval_returns, nonfinite, queries, alpha = 0, 0, 0.0, [], [], 0, 0, args.alpha_init
+    trunk_obs, trunk_t, trunk_return = np.stack(trunk_obs), np.zeros(N, dtype=int), np.zeros(N)
+    global_step, iteration, train_time, recent_returns, eval_returns, nonfinite, queries = 0, 0, 0.0, [], [], 0, 0
+    alpha = args.alpha_init
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     if args.resume:  # everything the next iteration reads: weights, statistics, trunks, clocks, random streams
-        state, folder = load_checkpoint(args.resume, args, 0, 1)
+        state, _, run_dir = load_checkpoint(args.resume, args, 1)
         policy.load_state_dict(state["policy"])
         optimizer.load_state_dict(state["optimizer"])
         if reference is not None:
@@ -636,22 +558,24 @@ def train_mujoco(args: MujocoArgs) -> dict:
          eval_returns, nonfinite, queries, alpha) = (state[k] for k in (
             "trunk_states", "trunk_obs", "trunk_t", "trunk_return", "global_step", "iteration", "train_time",
             "recent_returns", "eval_returns", "nonfinite", "queries", "alpha"))
-        run_dir = os.path.dirname(os.path.abspath(folder))  # the run continues in its own folder
         run_name = os.path.basename(run_dir)
-    writer = make_writer(args, run_dir, purge_step=global_step + 1 if args.resume else None)
-    stop, nonfinite_in_a_row = StopSignal(), 0
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if args.resume else None)
+    # a resumed run writes on in its own folder; TensorBoard drops what it logged after the checkpoint
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+        f"|{k}|{v}|" for k, v in vars(args).items()))
+    STOP["signum"], nonfinite_in_a_row = 0, 0
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def checkpoint() -> str:
-        folder = os.path.join(run_dir, "checkpoint")
-        save_checkpoint(folder, {
+        return save_checkpoint(os.path.join(run_dir, "checkpoint"), {
             "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
             "reference": reference.state_dict() if reference is not None else None,
-            "obs_rms": (obs_rms.mean, obs_rms.var, obs_rms.count), "reset_rng": reset_env.unwrapped.np_random.bit_generator.state,
-            "trunk_states": trunk_states, "trunk_obs": trunk_obs, "trunk_t": trunk_t, "trunk_return": trunk_return,
-            "global_step": global_step, "iteration": iteration, "train_time": train_time, "recent_returns": recent_returns,
-            "eval_returns": eval_returns, "nonfinite": nonfinite, "world_size": 1, "args": asdict(args),
-            "teacher_rng": teacher_rng.get_state(), "queries": queries, "alpha": alpha}, 0)
-        return folder
+            "obs_rms": (obs_rms.mean, obs_rms.var, obs_rms.count),
+            "reset_rng": reset_env.unwrapped.np_random.bit_generator.state, "trunk_states": trunk_states,
+            "trunk_obs": trunk_obs, "trunk_t": trunk_t, "trunk_return": trunk_return, "global_step": global_step,
+            "iteration": iteration, "train_time": train_time, "recent_returns": recent_returns,
+            "eval_returns": eval_returns, "nonfinite": nonfinite, "args": asdict(args),
+            "teacher_rng": teacher_rng.get_state(), "queries": queries, "alpha": alpha})
 
     print(f"{run_name}: N={N} trunks x G={G} branches x H={H} steps per iteration on {device}"
           + (f", resumed at step {global_step}" if args.resume else ""))
@@ -666,32 +590,30 @@ def train_mujoco(args: MujocoArgs) -> dict:
         global_step += int(batch["lengths"].sum())
         obs = torch.as_tensor(obs_rms.normalize(batch["raw_obs"]), device=device)
         obs_rms.update(batch["raw_obs"][batch["mask"] > 0])  # frozen until the next iteration
-        actions, old_logp = torch.as_tensor(batch["actions"], device=device), torch.as_tensor(batch["logp"], device=device)
-        mask = torch.as_tensor(batch["mask"], device=device)
+        actions, old_logp, mask = (torch.as_tensor(batch[k], device=device) for k in ("actions", "logp", "mask"))
         # the beta penalty's anchor: the batch's sampling policy (the paper) or the initial policy
         anchor_logp = reference(obs).log_prob(actions).sum(-1) if reference is not None else old_logp
         with torch.no_grad():  # pi_old's Gaussians, for the exact trust-region KL
             old_dist = policy(obs)
 
         # ---- trunks continue from one uniformly chosen branch; episodes end at termination or the time limit
-        for n in range(N):
-            i = n * G + np.random.randint(G)
-            trunk_return[n] += batch["scores"][i]
-            trunk_t[n] += batch["lengths"][i]
+        chosen = [n * G + np.random.randint(G) for n in range(N)]
+        for n, i, branch_state in zip(range(N), chosen, branches.snapshot(chosen)):
+            trunk_return[n], trunk_t[n] = trunk_return[n] + batch["scores"][i], trunk_t[n] + batch["lengths"][i]
             if batch["terminated"][i] or trunk_t[n] >= max_steps:
                 writer.add_scalar("charts/episodic_return", trunk_return[n], global_step)
                 writer.add_scalar("charts/episodic_length", trunk_t[n], global_step)
                 recent_returns = (recent_returns + [trunk_return[n]])[-20:]
                 (trunk_states[n], trunk_obs[n]), trunk_t[n], trunk_return[n] = new_episode(), 0, 0.0
             else:
-                trunk_states[n], trunk_obs[n] = branches.snapshot(i), batch["end_obs"][i]
+                trunk_states[n], trunk_obs[n] = branch_state, batch["end_obs"][i]
 
         # ---- teacher: labels for all G(G-1)/2 pairs of each group; the learner sees only these
         scores = torch.as_tensor(batch["scores"], dtype=torch.float32)  # hidden from the learner
-        hidden = (myopic_scores(torch.as_tensor(batch["rewards"]), torch.as_tensor(batch["lengths"]), args.teacher_gamma).float()
-                  if args.teacher == "myopic" else scores)
-        labels = teacher_labels(hidden.view(N, G), "oracle" if args.teacher == "myopic" else args.teacher, args.teacher_tau,
-                                args.teacher_flip_prob, args.teacher_tie_margin, teacher_rng)
+        myopic = args.teacher == "myopic"  # the oracle on discounted segment returns
+        hidden = myopic_scores(*(torch.as_tensor(batch[k]) for k in ("rewards", "lengths")), args.teacher_gamma).float()
+        labels = teacher_labels((hidden if myopic else scores).view(N, G), "oracle" if myopic else args.teacher,
+                                args.teacher_tau, args.teacher_flip_prob, args.teacher_tie_margin, teacher_rng)
         queries += N * G * (G - 1) // 2
 
         # ---- advantages: net win rate within each group; the explicit target over the group it defines
@@ -704,85 +626,83 @@ def train_mujoco(args: MujocoArgs) -> dict:
         # ---- fit: KL(p_theta || q) + alpha * max(K_old - trust_region_kl, 0) (pair-shift) or
         # KL(q || p_theta) + alpha_t * K_old (group-softmax), + beta * KL to the anchor; minibatches of whole groups
         stats = {"fit": 0.0, "k_old": 0.0, "kl": 0.0, "grad_norm": 0.0, "hinge_active": 0.0}
-        num_updates = 0
-        for epoch in range(args.update_epochs):
-            for groups in np.array_split(np.random.permutation(N), args.num_minibatches):
-                rows = torch.from_numpy((groups[:, None] * G + np.arange(G)).reshape(-1)).to(device)
-                weights = loss_weights(mask[rows], args.loss_aggregation)
-                dist = policy(obs[rows])
-                logp = dist.log_prob(actions[rows]).sum(-1)
-                ratios = sequence_log_ratios(logp, old_logp[rows], mask[rows]).view(-1, G)
-                fit = fit_to_target(q.view(-1)[rows].view(-1, G), ratios).mean()
-                k_old = (weights * gaussian_kl(old_dist.mean[rows], old_dist.stddev[rows], dist.mean, dist.stddev)).sum()
-                kl = (weights * k3_kl(logp, anchor_logp[rows])).sum() if args.beta > 0 else torch.zeros(())
-                # pair-shift: the hinge on K_old; group-softmax: the dual multiplier, held constant inside the loss
-                trust = args.alpha * torch.relu(k_old - args.trust_region_kl) if pair_shift else alpha * k_old
-                loss = fit + trust + args.beta * kl
-                optimizer.zero_grad()
-                loss.backward()
-                num_updates += 1
-                stats["fit"] += fit.item()
-                k_old_value = k_old.item()
-                stats["k_old"] += k_old_value
-                stats["kl"] += kl.item()
-                stats["hinge_active"] += float(k_old_value > args.trust_region_kl)
-                # A non-finite loss or gradient skips the step instead of poisoning the weights
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                if not torch.isfinite(grad_norm):
-                    nonfinite, nonfinite_in_a_row = nonfinite + 1, nonfinite_in_a_row + 1
-                    if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                        fail(f"{nonfinite_in_a_row} non-finite losses or gradients in a row at step {global_step}; "
-                             f"checkpoint in {checkpoint()}. Lower --learning-rate, then --resume it")
-                    continue
-                nonfinite_in_a_row = 0
-                stats["grad_norm"] += grad_norm.item()  # before clipping
+        minibatches = [g for _ in range(args.update_epochs)
+                       for g in np.array_split(np.random.permutation(N), args.num_minibatches)]
+        for groups in minibatches:
+            rows = torch.from_numpy((groups[:, None] * G + np.arange(G)).reshape(-1)).to(device)
+            weights = loss_weights(mask[rows], args.loss_aggregation)
+            dist = policy(obs[rows])
+            logp = dist.log_prob(actions[rows]).sum(-1)
+            ratios = sequence_log_ratios(logp, old_logp[rows], mask[rows]).view(-1, G)
+            fit = fit_to_target(q.view(-1)[rows].view(-1, G), ratios).mean()
+            k_old = (weights * gaussian_kl(old_dist.mean[rows], old_dist.stddev[rows], dist.mean, dist.stddev)).sum()
+            kl = (weights * k3_kl(logp, anchor_logp[rows])).sum() if args.beta > 0 else torch.zeros(())
+            # pair-shift: the hinge on K_old; group-softmax: the dual multiplier, held constant inside the loss
+            trust = args.alpha * torch.relu(k_old - args.trust_region_kl) if pair_shift else alpha * k_old
+            optimizer.zero_grad()
+            (fit + trust + args.beta * kl).backward()
+            for key, value in zip(stats, (fit.item(), k_old_value := k_old.item(), kl.item())):
+                stats[key] += value
+            stats["hinge_active"] += float(k_old_value > args.trust_region_kl)
+            # A non-finite loss or gradient skips the step instead of poisoning the weights
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            finite = bool(torch.isfinite(grad_norm))
+            nonfinite, nonfinite_in_a_row = nonfinite + (not finite), 0 if finite else nonfinite_in_a_row + 1
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                fail(f"{nonfinite_in_a_row} non-finite losses or gradients in a row at step {global_step}; "
+                     f"checkpoint in {checkpoint()}. Lower --learning-rate, then --resume it")
+            stats["grad_norm"] += grad_norm.item() if finite else 0.0  # before clipping
+            if finite:
                 optimizer.step()
-                if not pair_shift:
-                    alpha = dual_ascent(alpha, k_old_value, args.eps_pi, args.lr_alpha)
+            if finite and not pair_shift:
+                alpha = dual_ascent(alpha, k_old_value, args.eps_pi, args.lr_alpha)
         train_time += time.time() - tick
 
         # ---- logging (SPS counts training time only, evaluation excluded)
         metrics = {"charts/SPS": global_step / train_time, "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                   "charts/preference_queries": queries, "charts/label_agreement": label_agreement(labels, scores.view(N, G)),
-                   "charts/kl_q_uniform": (torch.xlogy(q, q).sum(1) + math.log(G)).mean().item(),
-                   "charts/chi2_q_uniform": (G * (q**2).sum(1) - 1).mean().item(),
                    "charts/segment_return": batch["scores"].mean(), "charts/segment_length": batch["lengths"].mean(),
                    "losses/entropy": policy(obs[:1]).entropy().sum(-1).mean().item(),
                    "losses/log_std": policy.log_std.mean().item(), "charts/nonfinite_skipped_steps": nonfinite,
-                   **{f"losses/{k}": v / num_updates for k, v in stats.items() if k != "hinge_active"}}
-        if pair_shift:
-            metrics.update({"charts/delta": delta, "charts/hinge_active": stats["hinge_active"] / num_updates})
-        else:
-            metrics.update({"charts/alpha": alpha,
-                            "charts/eta": eta[eta.isfinite()].mean().item() if eta.isfinite().any() else 0.0})
+                   "charts/preference_queries": queries,
+                   "charts/label_agreement": label_agreement(labels, scores.view(N, G)),
+                   "charts/kl_q_uniform": (torch.xlogy(q, q).sum(1) + math.log(G)).mean().item(),
+                   "charts/chi2_q_uniform": (G * (q**2).sum(1) - 1).mean().item(),
+                   **{f"losses/{k}": v / len(minibatches) for k, v in stats.items() if k != "hinge_active"},
+                   **({"charts/delta": delta, "charts/hinge_active": stats["hinge_active"] / len(minibatches)}
+                      if pair_shift else {"charts/alpha": alpha, "charts/eta": eta[eta.isfinite()].mean().item()
+                                          if eta.isfinite().any() else 0.0})}
         last = global_step >= args.total_timesteps
         if iteration % args.eval_every == 0 or last:
             video = os.path.join("videos", run_name) if args.capture_video and last else None
-            eval_returns = evaluate_mujoco(policy, obs_rms, args, args.num_eval_episodes, args.seed + 10_000 * iteration, device, video)
+            eval_returns = evaluate_mujoco(policy, obs_rms, args, args.num_eval_episodes,
+                                           args.seed + 10_000 * iteration, device, video)
             metrics["eval/episodic_return"] = float(np.mean(eval_returns))
         for key, value in metrics.items():
             writer.add_scalar(key, value, global_step)
         if "eval/episodic_return" in metrics:
             train_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
+            eta = (args.total_timesteps - global_step) / metrics["charts/SPS"]
             print(f"iter {iteration} | step {global_step}/{args.total_timesteps} | episodic return {train_return} | "
                   f"eval return {metrics['eval/episodic_return']:.1f} | K_old {metrics['losses/k_old']:.4f} | "
                   f"{f'delta {delta:.4f}' if pair_shift else f'alpha {alpha:.2f}'} | SPS {metrics['charts/SPS']:.0f} | "
-                  f"ETA {format_eta((args.total_timesteps - global_step) / metrics['charts/SPS'])}", flush=True)
-        if stop.signum or (args.checkpoint_every and iteration % args.checkpoint_every == 0):
+                  f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+        if STOP["signum"] or (args.checkpoint_every and iteration % args.checkpoint_every == 0):
             folder = checkpoint()
-        if stop.signum:
-            print(f"stopped by {signal.Signals(stop.signum).name} at step {global_step}; continue with --resume {folder}", flush=True)
+        if STOP["signum"]:
+            print(f"stopped by {signal.Signals(STOP['signum']).name} at step {global_step}; "
+                  f"continue with --resume {folder}", flush=True)
             writer.close()
-            sys.exit(128 + stop.signum)
-    stop.restore()
+            sys.exit(128 + STOP["signum"])
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
     branches.close()
-
     if args.save_model:
         torch.save({"policy": policy.state_dict(), "obs_mean": obs_rms.mean, "obs_var": obs_rms.var,
                     "obs_count": obs_rms.count, "env_id": args.env_id, "args": asdict(args)},
                    os.path.join(run_dir, "model.pt"))
     summary = {"run_name": run_name, "global_step": global_step, "iterations": iteration,
-               "train_seconds": round(train_time, 1), "SPS": round(global_step / train_time), "nonfinite_skipped_steps": nonfinite,
+               "train_seconds": round(train_time, 1), "SPS": round(global_step / train_time),
+               "nonfinite_skipped_steps": nonfinite,
                "episodic_return": float(np.mean(recent_returns)) if recent_returns else None,
                "eval/episodic_return": float(np.mean(eval_returns))}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
@@ -791,7 +711,6 @@ def train_mujoco(args: MujocoArgs) -> dict:
     print("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
           + (f" model={os.path.join(run_dir, 'model.pt')}" if args.save_model else ""))
     return summary
-
 
 if __name__ == "__main__":
     train_mujoco(tyro.cli(MujocoArgs))

@@ -1,5 +1,5 @@
 """Raw branch-stepping throughput: N*G HalfCheetah branches stepped in this process or in
-worker processes (grpo_baseline.Branches / WorkerBranches), fixed random actions, no policy.
+worker processes (grpo_baseline_mujoco.Branches), fixed random actions, no policy.
 
     python benchmarks/branch_stepping.py --branches 64 --workers 0 1 2
 """
@@ -23,8 +23,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timings")
     cli = parser.parse_args()
     for workers in cli.workers:
-        branches = (gb.WorkerBranches(cli.env_id, cli.branches, 1, workers) if workers else
-                    gb.Branches([gb.make_mujoco_env(cli.env_id).unwrapped for _ in range(cli.branches)], 1))
+        branches = gb.Branches(cli.env_id, cli.branches, 1, workers)
         actions = np.random.default_rng(0).uniform(-1, 1, (cli.branches, branches.action_space.shape[0]))
         active = np.ones(cli.branches, dtype=bool)
         best = 0.0

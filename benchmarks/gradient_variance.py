@@ -92,7 +92,7 @@ def mujoco_batches(args, eps_qs):
     obs_rms.mean, obs_rms.var, obs_rms.count = saved["obs_mean"], saved["obs_var"], saved["obs_count"]
     N, G = args.prompts, args.group_size
     mj_args = gbm.MujocoArgs(num_trunks=N, group_size=G)
-    branches = gbm.Branches([gbm.make_mujoco_env("HalfCheetah-v4").unwrapped for _ in range(N * G)], 1)
+    branches = gbm.Branches("HalfCheetah-v4", N * G, 1)
     params = list(policy.parameters())
     for k in range(args.batches):
         rng = np.random.default_rng(1000 + k)

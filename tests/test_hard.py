@@ -39,8 +39,7 @@ def test_target_ignores_the_advantage_scale():  # variance control whatever the 
     q1, _ = hard.target_distribution(advantages, 0.2)
     q2, _ = hard.target_distribution(100 * advantages, 0.2)
     torch.testing.assert_close(q1, q2, atol=1e-6, rtol=1e-5)
-    chi2 = 6 * (q1.double() ** 2).sum(1) - 1  # = (1/G) sum (G q_i - 1)^2
-    torch.testing.assert_close(chi2, ((6 * q1.double() - 1) ** 2).mean(1))
+    chi2 = ((6 * q1.double() - 1) ** 2).mean(1)  # chi2(q || uniform): the variance bound of the fit
     assert chi2.max() < 2 * 0.2 * 1.5  # chi2 ~ 2 KL for small budgets
 
 

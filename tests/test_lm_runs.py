@@ -92,7 +92,7 @@ def test_reward_model_on_hh_rlhf_schema(tmp_path, tiny_policy_dir, tiny_reward_d
                            dataset_name=hh_dir, save_model=True, **SMALL)
     assert summary["global_step"] == 2 * 2 * 4
     logged = scalars(run_dir)
-    assert len({v for _, v in logged["charts/score"]}) > 0 and "eval/kl_to_reference" in logged
+    assert all(v > 0 for _, v in logged["charts/score_std"]) and "eval/kl_to_reference" in logged  # scored, not constant
     assert os.path.exists(os.path.join(run_dir, "model", "config.json"))
 
 
@@ -100,7 +100,26 @@ def test_reward_model_with_chat_templates_on_ultrafeedback_schema(tmp_path, tiny
                                                                    tiny_chat_reward_dir, ultrafeedback_dir):
     summary, _ = run(tmp_path, model_name_or_path=tiny_chat_policy_dir, reward_model_name_or_path=tiny_chat_reward_dir,
                      dataset_name=ultrafeedback_dir, **SMALL)
-    assert summary["global_step"] == 16 and 0.0 <= summary["eval/win_rate"] <= 1.0
+    assert summary["global_step"] == 16 and "eval/win_rate" in summary
+
+
+def test_reward_model_judge_scores_each_reply_in_its_chat_template_whatever_the_batch(
+        tiny_chat_policy_dir, tiny_chat_reward_dir, ultrafeedback_dir):
+    """The batched, padded judge equals the reward model on each templated dialogue alone."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    args = gb.LMArgs(model_name_or_path=tiny_chat_policy_dir, reward_model_name_or_path=tiny_chat_reward_dir,
+                     dataset_name=ultrafeedback_dir, num_eval_prompts=4)
+    records = gb.load_lm_prompts(args, AutoTokenizer.from_pretrained(tiny_chat_policy_dir))[0][:3]
+    replies = ["ok", "a much longer reply than the others", "no"]
+    scores = gb.load_lm_judge(args, torch.device("cpu"))(records, replies)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_reward_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_chat_reward_dir).eval()
+    for record, reply, score in zip(records, replies, scores):
+        text = f"<user>{record['messages'][0]['content']}<assistant>{reply}"  # conftest's template, written out
+        with torch.no_grad():
+            alone = model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0]
+        torch.testing.assert_close(score, alone, atol=1e-4, rtol=1e-4)
 
 
 def test_ultrafeedback_prompts_are_chat_templated(ultrafeedback_dir, tiny_chat_policy_dir):

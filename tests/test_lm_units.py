@@ -155,3 +155,9 @@ def test_gumbel_sampler_draws_the_tempered_softmax_per_completion(script):
     alone = module.GumbelSampler([123], T, torch.device("cpu"))(None, logits[None])
     mixed = module.GumbelSampler([7, 123, 99], T, torch.device("cpu"))(None, logits.expand(3, 8))
     torch.testing.assert_close(alone[0], mixed[1], rtol=0, atol=0)
+
+
+def test_left_pad_puts_the_padding_first_and_masks_it():
+    ids, mask = gb.left_pad([[3, 4], [5, 6, 7], [8]], 0)
+    assert ids.tolist() == [[0, 3, 4], [5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1]]

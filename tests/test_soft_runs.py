@@ -21,7 +21,6 @@ def test_tiny_task_win_rate_rises_from_half(tmp_path, seed):
     assert summary["eval/win_rate"] >= 0.75, summary
     queries = [v for _, v in logged["charts/preference_queries"]]
     assert queries == [8 * 28 * i for i in range(1, 21)]  # 8 groups x G(G-1)/2 pairs, cumulative
-    assert all(v == 1.0 for _, v in logged["charts/label_agreement"])  # the oracle agrees with itself
 
 
 def test_learner_sees_only_labels(tmp_path, monkeypatch):
@@ -52,6 +51,9 @@ def test_mujoco_smoke_run(tmp_path, teacher):
     logged = scalars(os.path.join(str(tmp_path), summary["run_name"]))
     assert summary["global_step"] == 1024
     assert [v for _, v in logged["charts/preference_queries"]][-1] == 8 * 2 * 4 * 3 // 2
+    agreement = [v for _, v in logged["charts/label_agreement"]]  # with the labels of the returns themselves
+    if teacher != "oracle":  # myopic and noisy labels differ from the returns' order, yet follow it
+        assert any(v < 1.0 for v in agreement) and sum(agreement) / len(agreement) > 0.6, agreement
     assert os.path.exists(os.path.join(str(tmp_path), summary["run_name"], "model.pt"))
 
 

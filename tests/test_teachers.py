@@ -67,3 +67,12 @@ def test_myopic_scores_weigh_the_end_of_each_segment_most():
     lengths = torch.tensor([3, 2])  # the 9.0 lies past the first segment's end
     scores = soft_mj.myopic_scores(rewards, lengths, 0.5)
     torch.testing.assert_close(scores, torch.tensor([0.25 * 1 + 0.5 * 2 + 3.0, 0.5 * 1 + 2.0], dtype=torch.float64))
+
+
+def test_label_agreement_counts_each_queried_pair_once():
+    scores = torch.tensor([[3.0, 1.0, 2.0]])  # pairs (0,1), (0,2), (1,2): the oracle says 1, 1, 0
+    labels = soft.teacher_labels(scores, "oracle")
+    labels[0, 0, 1], labels[0, 1, 0] = 0.0, 1.0  # flip one of the three pairs, both halves
+    assert soft.label_agreement(labels, scores) == pytest.approx(2 / 3)
+    labels[0, 1, 2], labels[0, 2, 1] = 0.5, 0.5  # a tie where the oracle has an order
+    assert soft.label_agreement(labels, scores) == pytest.approx(1 / 3)
