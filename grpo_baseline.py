@@ -10,6 +10,7 @@ with a k3 KL penalty to the frozen starting policy. No value network.
         --reward-model-name-or-path Skywork/Skywork-Reward-V2-Qwen3-0.6B \
         --dataset-name HuggingFaceH4/ultrafeedback_binarized --learning-rate 1e-6
 """
+import contextlib
 import copy
 import json
 import os
@@ -111,6 +112,8 @@ class LMArgs:
     """trade compute for memory in the policy's backward pass"""
     bf16: bool = True
     """bf16 autocast (and bf16 reference and reward models) on CUDA; CPU always runs fp32"""
+    fast_generation: Literal["auto", "on", "off"] = "auto"
+    """sample from a copy of the policy with a static KV cache, its decode step compiled on CUDA (auto: on CUDA)"""
 
 
 # ----------------------------------------------------------------------------- the algorithm: advantages and loss
@@ -400,8 +403,8 @@ def load_lm_judge(args: LMArgs, device: torch.device):
     return judge
 
 # ----------------------------------------------------------------------------- rollout
-def left_pad(sequences: list, pad_id: int) -> tuple:
-    width = max(len(s) for s in sequences)
+def left_pad(sequences: list, pad_id: int, width: int = 0) -> tuple:
+    width = max(width, max(len(s) for s in sequences))
     ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences], dtype=torch.long)
     return ids, (torch.arange(width) >= width - torch.tensor([len(s) for s in sequences])[:, None]).long()
 
@@ -439,35 +442,43 @@ def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor
 class GumbelSampler:
     """Samples softmax(logits / T) exactly, as argmax(logits / T + Gumbel noise). The noise is a
     hash of (completion seed, decode step, token id): what a completion samples depends on its
-    seed alone, not on the batch, the rank or the resume it happens in."""
+    seed alone, not on the batch, the rank or the resume it happens in. Keeps the sampled
+    tokens' log-probs under the sampling model."""
 
     def __init__(self, seeds: list, temperature: float, device: torch.device):
         self.seeds = torch.tensor(seeds, dtype=torch.int64, device=device)[:, None]
-        self.temperature, self.step = temperature, 0
+        self.temperature, self.step, self.logps = temperature, 0, []
 
     def __call__(self, input_ids, scores):  # a transformers logits processor; generate takes the argmax
-        vocab = scores.shape[-1]
+        vocab, logits = scores.shape[-1], scores.float() / self.temperature
         uniform = counter_uniform(self.seeds, self.step * vocab + torch.arange(vocab, device=scores.device))
         self.step += 1
-        return scores.float() / self.temperature - torch.log(-torch.log(uniform))
+        noisy = logits - torch.log(-torch.log(uniform))
+        self.logps.append(logits.log_softmax(-1).gather(-1, noisy.argmax(-1, keepdim=True))[:, 0])
+        return noisy
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompt_ids: list, repeats: int, eos_ids: set, autocast, device,
-                       seeds: list, temperature: float) -> dict:
-    """One batched generate for all prompts x repeats (KV cache on); one seed per completion."""
-    ids, mask = left_pad([p for p in prompt_ids for _ in range(repeats)], tokenizer.pad_token_id)
-    ids, mask = ids.to(device), mask.to(device)
+                       seeds: list, temperature: float, static_cache: bool = False) -> dict:
+    """One batched generate for all prompts x repeats (KV cache on); one seed per completion.
+    `static_cache`: a fixed-size cache, prompts padded to a multiple of 64 tokens so that its shape
+    repeats and transformers' compiled decode step (a CUDA graph) is reused; the padding is cut after."""
+    sequences = [p for p in prompt_ids for _ in range(repeats)]
+    extra = -max(map(len, sequences)) % 64 if static_cache else 0
+    ids, mask = left_pad(sequences, tokenizer.pad_token_id, max(map(len, sequences)) + extra)
+    ids, mask, sampler = ids.to(device), mask.to(device), GumbelSampler(seeds, temperature, device)
     was_training = model.training
     model.eval()
     with autocast:
-        sequences = model.generate(input_ids=ids, attention_mask=mask, use_cache=True,
-                                   logits_processor=[GumbelSampler(seeds, temperature, device)])
+        generated = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, logits_processor=[sampler],
+                                   cache_implementation="static" if static_cache else None)
     model.train(was_training)
-    completion = sequences[:, ids.shape[1]:]
+    completion = generated[:, ids.shape[1]:]
     cmask = completion_mask(completion, eos_ids)
     texts = tokenizer.batch_decode(completion.masked_fill(cmask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    return {"input_ids": sequences, "attention_mask": torch.cat([mask, torch.ones_like(completion)], 1),
-            "mask": cmask, "texts": texts}
+    attention_mask = torch.cat([mask, torch.ones_like(completion)], 1)
+    return {"input_ids": generated[:, extra:], "attention_mask": attention_mask[:, extra:], "mask": cmask,
+            "texts": texts, "logp": torch.stack(sampler.logps, 1)[:, :completion.shape[1]]}
 
 # ----------------------------------------------------------------------------- training
 def train_lm(args: LMArgs) -> dict:
@@ -486,6 +497,10 @@ def train_lm(args: LMArgs) -> dict:
     train_ids, eval_ids = (encode_prompts(tokenizer, records, args.max_prompt_length, eos_ids)
                            for records in (train_records, eval_records))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
+    # Fast rollouts sample from a bf16 copy (fp32 on the CPU) refreshed after each update; the ratios
+    # keep using the policy's own log-probs, so the objective is unchanged.
+    fast = args.fast_generation == "on" or (args.fast_generation == "auto" and device.type == "cuda")
+    rollout = copy.deepcopy(reference).requires_grad_(False) if fast else policy
     shared_rng = np.random.default_rng(args.seed)  # every rank draws the same prompts and minibatches
     order, cursor, global_step, start_iteration, elapsed, nonfinite = [], 0, 0, 0, 0.0, 0
     run_name = f"{os.path.basename(args.dataset_name.rstrip('/'))}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -554,8 +569,11 @@ def train_lm(args: LMArgs) -> dict:
         prompts = [batch_prompts[p] for p in range(rank * local_groups, (rank + 1) * local_groups)]
         seeds = [sampling_seed(args.seed, 0, iteration, rank * local_groups + p, j)
                  for p in range(local_groups) for j in range(G)]
-        batch = sample_completions(policy, tokenizer, [train_ids[p] for p in prompts], G, eos_ids, autocast, device,
-                                   seeds, args.temperature)
+        if fast:  # the rollout copy is the policy after the last update
+            rollout.load_state_dict(policy.state_dict())
+        batch = sample_completions(rollout, tokenizer, [train_ids[p] for p in prompts], G, eos_ids,
+                                   contextlib.nullcontext() if fast else autocast, device, seeds, args.temperature,
+                                   static_cache=fast)
         rewards = judge([train_records[p] for p in prompts for _ in range(G)], batch["texts"])
         mask = batch["mask"]
         old_logp = None if reuse_old else batched_logprobs(policy, batch, args, autocast)
@@ -567,7 +585,8 @@ def train_lm(args: LMArgs) -> dict:
         advantages = group_advantages(rewards.view(local_groups, G), args.scale_rewards).view(-1).to(device)
 
         # ---- loss: clipped surrogate minus beta * k3 KL, over minibatches of whole groups
-        stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+        stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0,
+                 "rollout_logp_gap": 0.0, "grad_norm": 0.0}
         minibatches = [g for _ in range(args.update_epochs)
                        for g in np.array_split(shared_rng.permutation(local_groups), args.num_minibatches)]
         for groups in minibatches:
@@ -589,8 +608,9 @@ def train_lm(args: LMArgs) -> dict:
                                                        args.clip_eps_high)
                 kl = k3_kl(logp, ref_logp[idx] if anchored_to_ref else old) if args.beta > 0 else torch.zeros_like(logp)
                 (-(w * (surrogate - args.beta * kl)).sum()).backward()
+                # entropy: the sampled-token estimate; the gap: |log pi_old - the sampler's log-prob| per token
                 for key, value in zip(stats, (-(w * surrogate), w * kl, w * clipped, w * k3_kl(old, logp.detach()),
-                                              -(w * logp.detach()))):  # entropy: the sampled-token estimate
+                                              -(w * logp.detach()), w * (old - batch["logp"][idx]).abs())):
                     stats[key] += value.sum().item()
             # A non-finite loss or gradient skips the step instead of poisoning the weights
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)

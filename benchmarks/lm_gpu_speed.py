@@ -3,11 +3,12 @@ random Llama with Qwen2.5-0.5B's shape (359M parameters; built from a config, no
 and the byte tokenizer, 8 prompts x 8 completions of up to 128 new tokens per optimizer step,
 bf16 autocast, beta 0.04, learning rate 1e-6, the tiny task's prompts and rule judge. Reports
 the median seconds per optimizer step over steps 4 to 20 and the peak GPU memory (torch's
-max_memory_allocated) of each side, each in its own process, one after the other.
+max_memory_allocated) of each side, each in its own process, one after the other: ours with fast
+generation (the default on CUDA), ours eager (`--fast-generation off`), TRL.
 
     pip install -r requirements.txt -r benchmarks/requirements.txt
     python benchmarks/lm_gpu_speed.py                                  # needs a CUDA GPU
-    python benchmarks/lm_gpu_speed.py --sides ours --ours-flags fast_generation=false
+    python benchmarks/lm_gpu_speed.py --sides ours --ours-flags micro_batch_size=32
 
 Writes docs/results/lm_gpu_speed.csv (or --out).
 """
@@ -106,19 +107,21 @@ def build_model(folder: str):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sides", nargs="+", default=["ours", "trl"], choices=["ours", "trl"])
+    parser.add_argument("--sides", nargs="+", default=["ours", "ours-eager", "trl"], choices=["ours", "ours-eager", "trl"])
     parser.add_argument("--ours-flags", default="", help="LMArgs overrides for our side: field=value,field=value")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "lm_gpu_speed.csv"))
-    parser.add_argument("--side", choices=["ours", "trl"], help="(internal) run one side in this process")
+    parser.add_argument("--side", choices=["ours", "ours-eager", "trl"], help="(internal) run one side in this process")
     parser.add_argument("--model-dir")
     args = parser.parse_args()
     if args.side:
         import torch
 
         with tempfile.TemporaryDirectory() as out:
-            run = run_ours if args.side == "ours" else run_trl
-            stamps = run(args.model_dir, out, parse_flags(args.ours_flags) if args.side == "ours" else {})
-        durations = [b - a for a, b in zip(stamps, stamps[1:])][FIRST - 2:]  # steps FIRST..STEPS
+            flags = {"ours": parse_flags(args.ours_flags), "ours-eager": {"fast_generation": "off"}, "trl": {}}[args.side]
+            stamps = (run_trl if args.side == "trl" else run_ours)(args.model_dir, out, flags)
+        all_steps = [b - a for a, b in zip(stamps, stamps[1:])]
+        durations = all_steps[FIRST - 2:]  # steps FIRST..STEPS
+        print("step seconds: " + " ".join(f"{d:.2f}" for d in all_steps))
         print("RESULT " + json.dumps({"steps": len(stamps), "durations": durations,
                                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                                       "device": torch.cuda.get_device_name()}))
@@ -142,13 +145,13 @@ def main():
                          "median_seconds_per_step": float(np.median(timing["durations"])),
                          "steps_timed": len(timing["durations"]), "peak_gpu_gib": timing["peak_gib"]})
             print(f"{label} on {timing['device']}: median {rows[-1]['median_seconds_per_step']:.3f} s/step over steps "
-                  f"{FIRST}-{STEPS}, peak {rows[-1]['peak_gpu_gib']:.1f} GiB", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()})
+                  f"{FIRST}-{STEPS}, peak {rows[-1]['peak_gpu_gib']:.1f} GiB; "
+                  + next(line for line in proc.stdout.splitlines() if line.startswith("step seconds")), flush=True)
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w", newline="") as f:  # after every side, so a cut run keeps what it measured
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows([{k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows])
     print(f"wrote {args.out}")
 
 
