@@ -48,7 +48,7 @@ class MujocoArgs:
     save_model: bool = False
     """whether to save the policy and observation statistics into the run folder"""
     capture_video: bool = False
-    """record the final evaluation's first episode to `videos/{run_name}` (needs a MuJoCo renderer)"""
+    """record the final evaluation's first episode to `{output_dir}/{run_name}/videos` (headless: MUJOCO_GL=egl)"""
     checkpoint_every: int = 0
     """write a resumable checkpoint every this many iterations (0: only when a signal or faults stop the run)"""
     resume: Optional[str] = None
@@ -673,7 +673,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
                                           if eta.isfinite().any() else 0.0})}
         last = global_step >= args.total_timesteps
         if iteration % args.eval_every == 0 or last:
-            video = os.path.join("videos", run_name) if args.capture_video and last else None
+            video = os.path.join(run_dir, "videos") if args.capture_video and last else None
             eval_returns = evaluate_mujoco(policy, obs_rms, args, args.num_eval_episodes,
                                            args.seed + 10_000 * iteration, device, video)
             metrics["eval/episodic_return"] = float(np.mean(eval_returns))

@@ -192,3 +192,21 @@ def test_worker_branches_snapshot_the_asked_branches_in_order():
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(local.snapshot([1])[0], local.snapshot([2])[0])  # different actions, different states
     workers.close()
+
+
+def test_capture_video_records_the_final_episode_in_the_run_folder(tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "grpo_baseline_mujoco.py")
+    proc = subprocess.run([sys.executable, script, "--env-id", "InvertedPendulum-v4", "--total-timesteps", "512",
+                           "--num-trunks", "2", "--group-size", "4",
+                           "--num-minibatches", "2", "--num-eval-episodes", "1", "--capture-video",
+                           "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, MUJOCO_GL="egl"))
+    if proc.returncode and "cannot record" in proc.stderr and "moviepy" not in proc.stderr.split("(")[1]:
+        pytest.skip("no EGL renderer here: " + proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run_name,) = os.listdir(tmp_path)
+    videos = [f for f in os.listdir(tmp_path / run_name / "videos") if f.endswith(".mp4")]
+    assert len(videos) == 1 and os.path.getsize(tmp_path / run_name / "videos" / videos[0]) > 1000  # a short episode
