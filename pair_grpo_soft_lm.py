@@ -58,7 +58,7 @@ class LMArgs:
     reward_model_name_or_path: str = "rule"
     """reward: a sequence-classification model (hub id or local path); `rule` is the tiny task's judge"""
     dataset_name: str = "tiny"
-    """prompts: `tiny`, a hub id (Anthropic/hh-rlhf, HuggingFaceH4/ultrafeedback_binarized) or a local dir/file"""
+    """prompts: `tiny`, `rules` (built-in tasks), a hub id (e.g. HuggingFaceH4/ultrafeedback_binarized) or a path"""
     train_split: Optional[str] = None
     """training split (default: `train_prefs` if present, else `train`)"""
     eval_split: Optional[str] = None
@@ -292,9 +292,11 @@ def validate_lm_args(args: LMArgs):
               "--clip-eps-low must lie in [0, 1), --clip-eps-high and --beta must be non-negative"),
              (args.teacher_tau > 0 and 0 <= args.teacher_flip_prob <= 1 and args.teacher_tie_margin >= 0,
               "--teacher-tau must be positive, --teacher-flip-prob in [0, 1], --teacher-tie-margin non-negative")]
-          + [(value == special or exists_if_local(value), f"--{flag.replace('_', '-')} {value!r}: no such file or "
-              "directory") for flag, special in [("model_name_or_path", "tiny"), ("reward_model_name_or_path", "rule"),
-                                                  ("dataset_name", "tiny")] for value in [getattr(args, flag)]])
+          + [(value in special or exists_if_local(value), f"--{flag.replace('_', '-')} {value!r}: no such file or "
+              "directory") for flag, special in [("model_name_or_path", ["tiny"]),
+                                                  ("reward_model_name_or_path", ["rule"]),
+                                                  ("dataset_name", ["tiny", "rules"])]
+             for value in [getattr(args, flag)]])
 
 # ----------------------------------------------------------------------------- prompts
 # A prompt is a record: `text` is what the policy reads (`templated` if the policy's chat
@@ -305,6 +307,26 @@ def tiny_task_prompts(n: int, seed: int = 0) -> list:
     words = ["".join(rng.choice("bcdfghklmnprstvz") + rng.choice("aeiou") for _ in range(2)) for _ in range(64)]
     texts = [f"Say something about {rng.choice(words)} {rng.choice(words)}:" for _ in range(n)]
     return [{"text": t, "templated": False, "messages": [{"role": "user", "content": t}]} for t in texts]
+
+def rules_task_prompts(n: int, seed: int = 0) -> list:
+    """Offline task whose good reply depends on the prompt: use the letters of two key words, but not two
+    of those letters, in a reply of a given length. The criteria pull against each other (`rules_score`)."""
+    rng, records = random.Random(seed), []
+    for _ in range(n):
+        keys = ["".join(rng.choice("bcdfghklmnprstvz") + rng.choice("aeiou") for _ in range(2)) for _ in range(2)]
+        avoid, length = rng.sample(sorted(set("".join(keys))), 2), rng.randint(8, 20)
+        text = f"Use {keys[0]} {keys[1]} without {avoid[0]} or {avoid[1]}, {length} letters:"
+        records.append({"text": text, "templated": False, "messages": [{"role": "user", "content": text}],
+                        "keys": keys, "avoid": avoid, "length": length})
+    return records
+
+def rules_score(record: dict, reply: str) -> float:
+    """In [0, 1]: the share of the key words' allowed letters the reply uses, times the share of its
+    characters that are not forbidden, times its closeness to the target length."""
+    allowed = set("".join(record["keys"])) - set(record["avoid"])
+    clean = 1 - sum(ch in record["avoid"] for ch in reply) / max(len(reply), 1)
+    fit = max(0.0, 1 - abs(len(reply) - record["length"]) / record["length"])
+    return len(allowed & set(reply)) / len(allowed) * clean * fit
 
 def hh_prompt(chosen: str, row: int, split: str) -> dict:
     """HH-RLHF: the dialogue of `chosen` up to and including its last "\\n\\nAssistant:"."""
@@ -325,8 +347,9 @@ def plain_prompt(prompt, row: int, split: str, tokenizer, use_chat_template: boo
     return {"text": text, "templated": bool(chat), "messages": messages}
 
 def load_lm_prompts(args: LMArgs, tokenizer) -> tuple:
-    if args.dataset_name == "tiny":
-        records = tiny_task_prompts(1024 + 4 * args.num_eval_prompts)  # held out: prompts training never sees
+    if args.dataset_name in ("tiny", "rules"):  # built in; held out: prompts training never sees
+        task = {"tiny": tiny_task_prompts, "rules": rules_task_prompts}[args.dataset_name]
+        records = task(1024 + 4 * args.num_eval_prompts)
         seen = {r["text"] for r in records[:1024]}
         return records[:1024], [r for r in records[1024:] if r["text"] not in seen][: args.num_eval_prompts]
     import datasets
@@ -405,9 +428,11 @@ def vowel_density(text: str) -> float:
     return sum(ch in "aeiouAEIOU" for ch in text) / max(len(text), 1)
 
 def load_lm_judge(args: LMArgs, device: torch.device):
-    """Returns judge(records, completions) -> scores: the rule judge or a reward model."""
+    """Returns judge(records, completions) -> scores: the rule judge (the rules task's score, else vowel
+    density) or a reward model."""
     if args.reward_model_name_or_path == "rule":
-        return lambda records, completions: torch.tensor([vowel_density(c) for c in completions])
+        return lambda records, completions: torch.tensor([rules_score(r, c) if "keys" in r else vowel_density(c)
+                                                          for r, c in zip(records, completions)])
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     path, flag = args.reward_model_name_or_path, f"--reward-model-name-or-path {args.reward_model_name_or_path!r}"

@@ -180,3 +180,9 @@ def test_cli_prints_one_line_and_exits_non_zero(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --group-size must be at least 2")
     assert "Traceback" not in proc.stderr
+
+
+def test_rules_task_is_learned_but_not_saturated(tmp_path):
+    summary, run_dir = run(tmp_path, dataset_name="rules", num_iterations=40, eval_every=40)
+    assert 0.3 <= dict(scalars(run_dir)["eval/win_rate"])[0] <= 0.7, summary
+    assert 0.7 <= summary["eval/win_rate"] < 0.95 and summary["eval/score"] > 2 * summary["eval/reference_score"], summary

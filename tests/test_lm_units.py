@@ -161,3 +161,19 @@ def test_left_pad_puts_the_padding_first_and_masks_it():
     ids, mask = gb.left_pad([[3, 4], [5, 6, 7], [8]], 0)
     assert ids.tolist() == [[0, 3, 4], [5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1]]
+
+
+def test_rules_score_hand_values():
+    record = {"keys": ["soci", "zono"], "avoid": ["n", "s"], "length": 10}  # allowed letters: c, i, o, z
+    assert gb.rules_score(record, "cioz" * 2 + "zz") == 1.0  # every allowed letter, nothing forbidden, 10 long
+    assert gb.rules_score(record, "ciozzzzzzz" + "n" * 10) == 0.5 * 0.0  # twice the length: no length credit
+    assert gb.rules_score(record, "cizzzzzzzz") == pytest.approx(0.75)  # three of the four allowed letters
+    assert gb.rules_score(record, "ciozzzzzsn") == pytest.approx(0.8)  # 2 of 10 characters forbidden
+    assert gb.rules_score(record, "cioz") == pytest.approx(0.4)  # 4 of 10 letters
+    assert gb.rules_score(record, "") == 0.0
+
+
+def test_rules_task_prompts_state_their_constraints():
+    for record in gb.rules_task_prompts(50):
+        assert set(record["avoid"]) <= set("".join(record["keys"])) and 8 <= record["length"] <= 20
+        assert all(word in record["text"] for word in record["keys"]) and f"{record['length']} letters" in record["text"]
