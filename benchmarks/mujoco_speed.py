@@ -1,0 +1,66 @@
+"""Training speed of a MuJoCo script against raw `env.step`, both measured in one process on one core.
+
+    python benchmarks/mujoco_speed.py                            # GRPO, HalfCheetah-v4, default N x G x H
+    python benchmarks/mujoco_speed.py --script pair_grpo_hard_mujoco.py --profile
+
+Raw: steps per second of one gymnasium environment (`env.step` with random actions, resets at
+episode ends), best of three 5,000-step timings. Training: the script's own `charts/SPS` (training
+time only, evaluation excluded) over `--total-timesteps`. `--profile` prints where one run's time goes.
+"""
+import argparse
+import cProfile
+import importlib
+import os
+import pstats
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT]
+
+
+def raw_steps_per_second(module, env_id: str, steps: int = 5000) -> float:
+    import numpy as np
+
+    env = module.make_mujoco_env(env_id)
+    env.reset(seed=0)
+    actions = np.random.default_rng(0).uniform(-1, 1, (steps, env.action_space.shape[0]))
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for a in actions:
+            _, _, terminated, truncated, _ = env.step(a)
+            if terminated or truncated:
+                env.reset()
+        best = max(best, steps / (time.perf_counter() - start))
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--script", default="grpo_baseline_mujoco.py")
+    parser.add_argument("--env-id", default="HalfCheetah-v4")
+    parser.add_argument("--total-timesteps", type=int, default=100_000)
+    parser.add_argument("--profile", action="store_true")
+    cli = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    module = importlib.import_module(cli.script[: -len(".py")])
+    raw = raw_steps_per_second(module, cli.env_id)
+    args = module.MujocoArgs(env_id=cli.env_id, total_timesteps=cli.total_timesteps, eval_every=10**9,
+                             num_eval_episodes=1, output_dir=tempfile.mkdtemp())
+    profiler = cProfile.Profile() if cli.profile else None
+    if profiler:
+        profiler.enable()
+    summary = module.train_mujoco(args)
+    if profiler:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    print(f"{cli.script} {cli.env_id}: raw env.step {raw:,.0f} steps/s, training {summary['SPS']:,.0f} SPS "
+          f"(N={args.num_trunks} x G={args.group_size} x H={args.segment_length}): ratio {summary['SPS'] / raw:.2f}")
+
+
+if __name__ == "__main__":
+    main()
