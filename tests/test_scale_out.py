@@ -35,10 +35,12 @@ def only_run(folder) -> str:
     return os.path.join(folder, name)
 
 
-@pytest.mark.parametrize("script", ["grpo_baseline.py", "pair_grpo_soft_lm.py", "pair_grpo_hard_lm.py"])
-def test_two_gloo_ranks_end_with_the_parameters_of_one_process(tmp_path, script):
-    # token aggregation and small micro-batches exercise the rank weighting and no_sync;
-    # the pair scripts' default (oracle) teacher draws no noise, so the runs can agree exactly
+@pytest.mark.parametrize("script, fast", [("grpo_baseline.py", "off"), ("pair_grpo_soft_lm.py", "off"),
+                                          ("pair_grpo_hard_lm.py", "off"), ("grpo_baseline.py", "on")])
+def test_two_gloo_ranks_end_with_the_parameters_of_one_process(tmp_path, script, fast):
+    # token aggregation and small micro-batches exercise the rank weighting and the gradient sync;
+    # the pair scripts' default (oracle) teacher draws no noise, so the runs can agree exactly.
+    # fast "on": the two ranks sample from their rollout copies, the one process from its policy
     flags = [
         "--num-iterations", "3", "--eval-every", "3", "--update-epochs", "2", "--loss-aggregation", "token",
         "--micro-batch-size", "12", "--save-model"]
@@ -46,7 +48,8 @@ def test_two_gloo_ranks_end_with_the_parameters_of_one_process(tmp_path, script)
     one = subprocess.run([sys.executable, script, *flags, "--output-dir", str(tmp_path / "one")],
                          env=ENV, capture_output=True, text=True)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          script, *flags, "--output-dir", str(tmp_path / "two")], env=ENV, capture_output=True, text=True)
+                          script, *flags, "--fast-generation", fast, "--output-dir", str(tmp_path / "two")],
+                         env=ENV, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, "\n".join(line for line in two.stderr.splitlines() if "[rank" in line or "rror" in line)[-6000:]
     assert "rank 0 of 2" in two.stdout
