@@ -307,9 +307,9 @@ class Branches:
     the results are identical). `envs` steps given simulators in this process."""
 
     def __init__(self, env_id: str, num: int, seed: int, num_workers: int = 0, envs: Optional[list] = None):
-        self.action_space = make_mujoco_env(env_id).action_space
         self.slices, self.conns = np.array_split(np.arange(num), max(num_workers, 1)), []
         self.envs = envs or ([] if num_workers else make_branches(env_id, num, seed))
+        self.action_space = (self.envs[0] if self.envs else make_mujoco_env(env_id)).action_space
         context = multiprocessing.get_context("fork")  # workers never touch torch
         for part in self.slices if num_workers else []:
             conn, child = context.Pipe()

@@ -752,11 +752,12 @@ def train_lm(args: LMArgs) -> dict:
                 k_old = (w * k3_kl(old_logp[idx], logp)).sum()
                 kl = (w * k3_kl(logp, anchor_logp[idx])).sum() if args.beta > 0 else torch.zeros(())
                 (fit + trust_weight * k_old + args.beta * kl).backward()
-                k_old_step += k_old.item()
                 # entropy: the sampled-token estimate; the gap: |log pi_old - the sampler's log-prob| per token
-                for key, value in zip(stats, (fit, k_old, kl, -(w * logp.detach()).sum(),
-                                              (w * (old_logp[idx] - batch["logp"][idx]).abs()).sum())):
-                    stats[key] += value.item()
+                values = [v.item() for v in (fit, k_old, kl, -(w * logp.detach()).sum(),
+                                             (w * (old_logp[idx] - batch["logp"][idx]).abs()).sum())]
+                k_old_step += values[1]
+                for key, value in zip(stats, values):
+                    stats[key] += value
             # A non-finite loss or gradient skips the step instead of poisoning the weights
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             finite = bool(torch.isfinite(grad_norm))
