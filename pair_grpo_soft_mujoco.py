@@ -17,7 +17,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
 import numpy as np
@@ -60,8 +60,8 @@ class MujocoArgs:
     """N: trunk environments, each the root of one group per iteration"""
     group_size: int = 8
     """G: branches restored from each trunk's state"""
-    segment_length: int = 16
-    """H: steps each branch runs (the episode length gives whole-episode groups)"""
+    segment_length: Optional[int] = None
+    """H: steps each branch runs (unset: ENV_DEFAULTS; the episode length gives whole-episode groups)"""
     num_workers: int = 0
     """step the N*G branches in this many worker processes, a slice each (0: all in this process)"""
     log_std_init: float = 0.0
@@ -109,6 +109,16 @@ class MujocoArgs:
     num_eval_episodes: int = 3
     """full episodes from fresh resets with the mean action, per evaluation"""
 
+
+# Per-environment defaults for the fields left unset. Where the robot can fall (Hopper, Walker2d), a
+# 16-step branch scores like its siblings until it falls 30 steps later: branches there run whole
+# episodes from the trunk's state, so the group sees the fall (docs/results.md, the MuJoCo suite).
+ENV_DEFAULTS = {"*": dict(segment_length=16), "Hopper-v4": dict(segment_length=1000),
+                "Walker2d-v4": dict(segment_length=1000)}
+
+def with_env_defaults(args):
+    defaults = ENV_DEFAULTS.get(args.env_id, ENV_DEFAULTS["*"])
+    return replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
 
 # ----------------------------------------------------------------------------- the algorithm: teacher, advantages, loss
 def teacher_labels(scores: torch.Tensor, kind: str, tau: float = 0.05, flip_prob: float = 0.1,
@@ -286,7 +296,8 @@ class GaussianPolicy(torch.nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.distributions.Normal:
         mean = self.mean(obs)
-        return torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean))
+        # no argument checks: they cost ~6% of an optimizer step and std = exp(.) is positive anyway
+        return torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean), validate_args=False)
 
 # ----------------------------------------------------------------------------- branched rollouts
 def make_mujoco_env(env_id: str, **kwargs):
@@ -413,8 +424,10 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
         step_obs, step_rewards, step_terminated = branches.step(np.clip(actions[:, t], low, high), active)
         obs[active], rewards[active, t] = step_obs[active], step_rewards[active]
         terminated[active] = step_terminated[active]
-    return {"raw_obs": raw_obs, "actions": actions, "logp": logp, "mask": mask, "rewards": rewards,
-            "scores": rewards.sum(1), "end_obs": obs, "terminated": terminated, "lengths": mask.sum(1).astype(int)}
+    T = int(mask.sum(1).max())  # cut the steps no branch reached: long H on a falling robot is mostly padding
+    return {"raw_obs": raw_obs[:, :T], "actions": actions[:, :T], "logp": logp[:, :T], "mask": mask[:, :T],
+            "rewards": rewards, "scores": rewards.sum(1), "end_obs": obs, "terminated": terminated,
+            "lengths": mask.sum(1).astype(int)}
 
 def check_video(env_id: str):
     """--capture-video fails at the start, not after the whole run: gymnasium's RecordVideo
@@ -452,6 +465,7 @@ def evaluate_mujoco(policy, obs_rms, args, num_episodes: int, seed: int, device,
 
 # ----------------------------------------------------------------------------- training
 def train_mujoco(args: MujocoArgs) -> dict:
+    args = with_env_defaults(args)
     validate_mujoco_args(args)
     seed_everything(args.seed, args.torch_deterministic)
     torch.set_num_threads(args.torch_threads)
@@ -466,7 +480,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
     obs_dim, act_dim = reset_env.observation_space.shape[0], reset_env.action_space.shape[0]
     policy = GaussianPolicy(obs_dim, act_dim, args.log_std_init).to(device)
     reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 and args.kl_anchor == "ref" else None
-    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)
     obs_rms = RunningMeanStd(obs_dim)
     teacher_rng = torch.Generator().manual_seed(args.seed)  # the teacher's noise, apart from sampling
 
@@ -597,7 +611,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
             writer.add_scalar(key, value, global_step)
         if "eval/episodic_return" in metrics:
             train_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
-            eta = (args.total_timesteps - global_step) / metrics["charts/SPS"]
+            eta = max(args.total_timesteps - global_step, 0) / metrics["charts/SPS"]
             print(f"iter {iteration} | step {global_step}/{args.total_timesteps} | episodic return {train_return} | "
                   f"eval return {metrics['eval/episodic_return']:.1f} | SPS {metrics['charts/SPS']:.0f} | "
                   f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)

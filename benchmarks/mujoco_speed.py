@@ -51,6 +51,7 @@ def main():
     raw = raw_steps_per_second(module, cli.env_id)
     args = module.MujocoArgs(env_id=cli.env_id, total_timesteps=cli.total_timesteps, eval_every=10**9,
                              num_eval_episodes=1, output_dir=tempfile.mkdtemp())
+    args = module.with_env_defaults(args)
     profiler = cProfile.Profile() if cli.profile else None
     if profiler:
         profiler.enable()

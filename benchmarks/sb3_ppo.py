@@ -1,6 +1,6 @@
-"""Peer baseline: Stable-Baselines3 PPO with the RL Baselines3 Zoo hyperparameters for
-HalfCheetah-v4 (rl_zoo3 2.9.2, hyperparams/ppo.yml), logged like our MuJoCo scripts so
-benchmarks/mujoco_halfcheetah.py can run and plot it beside them (`--algos sb3_ppo`).
+"""Peer baseline: Stable-Baselines3 PPO with the RL Baselines3 Zoo's tuned hyperparameters
+(rl_zoo3 2.9.2, hyperparams/ppo.yml: HalfCheetah-v4, Hopper-v4, Walker2d-v4), logged like our
+MuJoCo scripts so benchmarks/mujoco_suite.py can run and plot it beside them (`--algos sb3_ppo`).
 
     pip install -r requirements.txt -r benchmarks/requirements.txt
     python benchmarks/sb3_ppo.py --seed 1 --total-timesteps 1000000 --output-dir runs/sb3
@@ -18,14 +18,23 @@ import time
 
 import numpy as np
 
-# The Zoo's tuned entry for HalfCheetah-v4 (normalize: true, n_envs: 1, 1e6 steps).
-ZOO = dict(batch_size=64, n_steps=512, gamma=0.98, learning_rate=2.0633e-05, ent_coef=0.000401762, clip_range=0.1,
-           n_epochs=20, gae_lambda=0.92, max_grad_norm=0.8, vf_coef=0.58096)
+# The Zoo's tuned entries (each: normalize: true, n_envs: 1, 1e6 steps), copied field by field from rl_zoo3
+# 2.9.2's hyperparams/ppo.yml. HalfCheetah and Hopper also set the network (TUNED_NET); Walker2d keeps SB3's
+# default (64-64 tanh, orthogonal init, log-std 0).
+ZOO = {
+    "HalfCheetah-v4": dict(batch_size=64, n_steps=512, gamma=0.98, learning_rate=2.0633e-05, ent_coef=0.000401762,
+                           clip_range=0.1, n_epochs=20, gae_lambda=0.92, max_grad_norm=0.8, vf_coef=0.58096),
+    "Hopper-v4": dict(batch_size=32, n_steps=512, gamma=0.999, learning_rate=9.80828e-05, ent_coef=0.00229519,
+                      clip_range=0.2, n_epochs=5, gae_lambda=0.99, max_grad_norm=0.7, vf_coef=0.835671),
+    "Walker2d-v4": dict(batch_size=32, n_steps=512, gamma=0.99, learning_rate=5.05041e-05, ent_coef=0.000585045,
+                        clip_range=0.1, n_epochs=20, gae_lambda=0.95, max_grad_norm=1, vf_coef=0.871923),
+}
+TUNED_NET = {"HalfCheetah-v4", "Hopper-v4"}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--env-id", default="HalfCheetah-v4")
+    parser.add_argument("--env-id", default="HalfCheetah-v4", choices=sorted(ZOO))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--total-timesteps", type=int, default=1_000_000)
     parser.add_argument("--output-dir", default="runs/sb3_ppo")
@@ -43,16 +52,17 @@ def main():
     from torch.utils.tensorboard import SummaryWriter
 
     torch.set_num_threads(1)
+    zoo = ZOO[args.env_id]
     mujoco.set_mju_user_warning(lambda msg: None if "settotalmass" in msg else print(msg, file=sys.stderr))
     run_name = f"{args.env_id}__sb3_ppo__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", json.dumps({**vars(args), **ZOO}))
-    env = VecNormalize(DummyVecEnv([lambda: Monitor(gym.make(args.env_id))]), gamma=ZOO["gamma"])
+    writer.add_text("hyperparameters", json.dumps({**vars(args), **zoo}))
+    env = VecNormalize(DummyVecEnv([lambda: Monitor(gym.make(args.env_id))]), gamma=zoo["gamma"])
     env.seed(args.seed)
-    model = PPO("MlpPolicy", env, seed=args.seed, device="cpu", verbose=0, **ZOO,
+    model = PPO("MlpPolicy", env, seed=args.seed, device="cpu", verbose=0, **zoo,
                 policy_kwargs=dict(log_std_init=-2, ortho_init=False, activation_fn=torch.nn.ReLU,
-                                   net_arch=dict(pi=[256, 256], vf=[256, 256])))
+                                   net_arch=dict(pi=[256, 256], vf=[256, 256])) if args.env_id in TUNED_NET else None)
 
     def evaluate(seed: int) -> float:
         returns = []

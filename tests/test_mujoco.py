@@ -84,6 +84,7 @@ def test_terminated_and_time_limited_branches_are_masked():
             assert lengths[i] < 200
     assert (lengths[G:] <= 37).all() and (lengths[G:][~batch["terminated"][G:]] == 37).all()
     assert (batch["logp"][mask == 0] == 0).all() and batch["raw_obs"][mask == 0].sum() == 0
+    assert mask.shape[1] == lengths.max()  # the steps no branch reached are cut, not carried as padding
 
 
 def test_segment_advantage_is_shared_by_every_step_and_masked_steps_get_no_gradient():
@@ -117,6 +118,14 @@ def test_smoke_run_logs_saves_and_reloads(tmp_path):
     policy.load_state_dict(saved["policy"])
     assert saved["obs_mean"].shape == (17,) and saved["obs_count"] > 4000
     assert json.load(open(os.path.join(run_dir, "summary.json")))["global_step"] == 4000
+
+
+def test_env_defaults_fill_only_the_fields_left_unset():
+    assert gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4")).segment_length == 1000  # whole episodes
+    assert gb.with_env_defaults(gb.MujocoArgs(env_id="Walker2d-v4")).segment_length == 1000
+    assert gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4", segment_length=32)).segment_length == 32
+    assert gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4")).segment_length == 16
+    assert gb.with_env_defaults(gb.MujocoArgs(env_id="InvertedPendulum-v4")).segment_length == 16
 
 
 def test_hopper_smoke_run_with_terminations(tmp_path):
