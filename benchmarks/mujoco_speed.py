@@ -4,8 +4,10 @@
     python benchmarks/mujoco_speed.py --script pair_grpo_hard_mujoco.py --profile
 
 Raw: steps per second of one gymnasium environment (`env.step` with random actions, resets at
-episode ends), best of three 5,000-step timings. Training: the script's own `charts/SPS` (training
-time only, evaluation excluded) over `--total-timesteps`. `--profile` prints where one run's time goes.
+episode ends), best of three 5,000-step timings; and of N*G unwrapped environments stepped in turn
+(the branches: this design's own limit, as each branch is a separate simulator whose state leaves
+the cache between its steps). Training: the script's own `charts/SPS` (training time only,
+evaluation excluded) over `--total-timesteps`. `--profile` prints where one run's time goes.
 """
 import argparse
 import cProfile
@@ -20,16 +22,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT]
 
 
-def raw_steps_per_second(module, env_id: str, steps: int = 5000) -> float:
+def raw_steps_per_second(module, env_id: str, num_envs: int = 1, steps: int = 5000) -> float:
     import numpy as np
 
-    env = module.make_mujoco_env(env_id)
-    env.reset(seed=0)
-    actions = np.random.default_rng(0).uniform(-1, 1, (steps, env.action_space.shape[0]))
+    envs = [module.make_mujoco_env(env_id) if num_envs == 1 else module.make_mujoco_env(env_id).unwrapped
+            for _ in range(num_envs)]
+    for i, env in enumerate(envs):
+        env.reset(seed=i)
+    actions = np.random.default_rng(0).uniform(-1, 1, (steps, envs[0].action_space.shape[0]))
     best = 0.0
     for _ in range(3):
         start = time.perf_counter()
-        for a in actions:
+        for t, a in enumerate(actions):
+            env = envs[t % num_envs]
             _, _, terminated, truncated, _ = env.step(a)
             if terminated or truncated:
                 env.reset()
@@ -48,10 +53,10 @@ def main():
 
     torch.set_num_threads(1)
     module = importlib.import_module(cli.script[: -len(".py")])
-    raw = raw_steps_per_second(module, cli.env_id)
     args = module.MujocoArgs(env_id=cli.env_id, total_timesteps=cli.total_timesteps, eval_every=10**9,
                              num_eval_episodes=1, output_dir=tempfile.mkdtemp())
     args = module.with_env_defaults(args)
+    raw, branches = (raw_steps_per_second(module, cli.env_id, n) for n in (1, args.num_trunks * args.group_size))
     profiler = cProfile.Profile() if cli.profile else None
     if profiler:
         profiler.enable()
@@ -59,8 +64,10 @@ def main():
     if profiler:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    print(f"{cli.script} {cli.env_id}: raw env.step {raw:,.0f} steps/s, training {summary['SPS']:,.0f} SPS "
-          f"(N={args.num_trunks} x G={args.group_size} x H={args.segment_length}): ratio {summary['SPS'] / raw:.2f}")
+    print(f"{cli.script} {cli.env_id}: raw env.step {raw:,.0f} steps/s (one environment), {branches:,.0f} "
+          f"({args.num_trunks * args.group_size} in turn); training {summary['SPS']:,.0f} SPS (N={args.num_trunks} x "
+          f"G={args.group_size} x H={args.segment_length}): ratio {summary['SPS'] / raw:.2f} to one environment, "
+          f"{summary['SPS'] / branches:.2f} to the branches")
 
 
 if __name__ == "__main__":
