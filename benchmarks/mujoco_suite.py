@@ -81,6 +81,7 @@ def main():
     parser.add_argument("--tag", default="{env}", help="prefix of the output files; {env}: the environment's short name")
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "benchmarks"))
     parser.add_argument("--reuse", action="store_true", help="keep finished runs already in --runs-dir, run only the rest")
+    parser.add_argument("--summarize-only", action="store_true", help="with --reuse: start nothing, summarize what is done")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs", "results"))
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
@@ -104,6 +105,9 @@ def main():
                 pending.remove(job)
                 finished.append((job[0], job[1], job[4], out, float(open(os.path.join(out, "wall_seconds.txt")).read())))
                 print(f"reusing {tags[job[0]]} {job[1]} seed {job[4]}", flush=True)
+    if args.summarize_only:
+        print("not run: " + (", ".join(f"{tags[e]} {label} seed {seed}" for e, label, _, _, seed in pending) or "none"))
+        pending = []
     while pending or running:
         while pending and len(running) < args.jobs:
             env_id, label, algo, flags, seed = pending.pop(0)
@@ -130,7 +134,7 @@ def main():
 
     table = ["| environment | " + " | ".join(labels) + " | CleanRL PPO (published) |",
              "|---|" + "---|" * (len(labels) + 1)]
-    for env_id in args.envs:
+    for env_id in [e for e in args.envs if any(f[0] == e for f in finished)]:
         raw = max(raw_before[env_id], max(raw_env_sps(env_id, 64, 30_000) for _ in range(3)))
         rows = summarize(env_id, tags[env_id], labels, [f for f in finished if f[0] == env_id], raw, args)
         cells = []
