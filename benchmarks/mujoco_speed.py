@@ -5,8 +5,8 @@
 
 Raw: steps per second of one gymnasium environment (`env.step` with random actions, resets at
 episode ends), best of three 5,000-step timings; and of N*G unwrapped environments stepped in turn
-(the branches: this design's own limit, as each branch is a separate simulator whose state leaves
-the cache between its steps). Training: the script's own `charts/SPS` (training time only,
+(the branches: this design's own limit; on the project's VM they step at 0.8 of one environment's
+rate). Training: the script's own `charts/SPS` (training time only,
 evaluation excluded) over `--total-timesteps`. `--profile` prints where one run's time goes.
 """
 import argparse
