@@ -377,10 +377,11 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
         step_obs, step_rewards, step_terminated = branches.step(np.clip(actions[:, t], low, high), active)
         obs[active], rewards[active, t] = step_obs[active], step_rewards[active]
         terminated[active] = step_terminated[active]
-    T = int(mask.sum(1).max())  # cut the steps no branch reached: long H on a falling robot is mostly padding
+    lengths = mask.sum(1).astype(int)
+    T = lengths.max()  # cut the steps no branch reached: long H on a falling robot is mostly padding
     return {"raw_obs": raw_obs[:, :T], "actions": actions[:, :T], "logp": logp[:, :T], "mask": mask[:, :T],
-            "rewards": rewards, "scores": rewards.sum(1), "end_obs": obs, "terminated": terminated,
-            "lengths": mask.sum(1).astype(int)}
+            "rewards": rewards[:, :T], "scores": rewards.sum(1), "end_obs": obs, "terminated": terminated,
+            "lengths": lengths}
 
 def check_video(env_id: str):
     """--capture-video fails at the start, not after the whole run: gymnasium's RecordVideo
