@@ -71,6 +71,10 @@ class MujocoArgs:
     """step the N*G branches in this many worker processes, a slice each (0: all in this process)"""
     log_std_init: float = 0.0
     """initial log-std of the Gaussian policy (CleanRL: 0; the RL Zoo's HalfCheetah PPO: -2)"""
+    hidden_size: int = 64
+    """width of the policy's two hidden layers (CleanRL: 64; the RL Zoo's HalfCheetah PPO: 256)"""
+    activation: Literal["tanh", "relu"] = "tanh"
+    """hidden-layer activation (CleanRL: tanh; the RL Zoo's HalfCheetah PPO: ReLU)"""
 
     # algorithm
     learning_rate: float = 3e-4
@@ -300,7 +304,7 @@ def load_checkpoint(path: str, args, world: int) -> tuple:
 
 def validate_mujoco_args(args: MujocoArgs):
     at_least_one = ["num_trunks", "segment_length", "update_epochs", "num_minibatches", "eval_every",
-                    "num_eval_episodes", "total_timesteps", "torch_threads", "max_nonfinite_steps"]
+                    "num_eval_episodes", "total_timesteps", "torch_threads", "max_nonfinite_steps", "hidden_size"]
     check([(args.group_size >= 2, f"--group-size must be at least 2 (got {args.group_size}): "
              "a group of one has no comparison")]
           + [(getattr(args, k) >= 1, f"--{k.replace('_', '-')} must be at least 1 (got {getattr(args, k)})")
@@ -349,12 +353,13 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 class GaussianPolicy(torch.nn.Module):
     """Diagonal Gaussian with a state-independent log-std (CleanRL's continuous PPO actor)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, log_std_init: float = 0.0):
+    def __init__(self, obs_dim: int, act_dim: int, log_std_init: float = 0.0, hidden: int = 64, activation="tanh"):
         super().__init__()
+        act = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[activation]
         self.mean = torch.nn.Sequential(
-            layer_init(torch.nn.Linear(obs_dim, 64)), torch.nn.Tanh(),
-            layer_init(torch.nn.Linear(64, 64)), torch.nn.Tanh(),
-            layer_init(torch.nn.Linear(64, act_dim), std=0.01))
+            layer_init(torch.nn.Linear(obs_dim, hidden)), act(),
+            layer_init(torch.nn.Linear(hidden, hidden)), act(),
+            layer_init(torch.nn.Linear(hidden, act_dim), std=0.01))
         self.log_std = torch.nn.Parameter(torch.full((act_dim,), log_std_init))
 
     def forward(self, obs: torch.Tensor) -> torch.distributions.Normal:
@@ -544,7 +549,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
     branches = Branches(args.env_id, N * G, args.seed + 1, args.num_workers)
     reset_env.reset(seed=args.seed)
     obs_dim, act_dim = reset_env.observation_space.shape[0], reset_env.action_space.shape[0]
-    policy = GaussianPolicy(obs_dim, act_dim, args.log_std_init).to(device)
+    policy = GaussianPolicy(obs_dim, act_dim, args.log_std_init, args.hidden_size, args.activation).to(device)
     reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 and args.kl_anchor == "ref" else None
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)
     obs_rms = RunningMeanStd(obs_dim)
