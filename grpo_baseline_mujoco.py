@@ -22,6 +22,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import tyro
+from gymnasium.wrappers.utils import RunningMeanStd
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -219,21 +220,9 @@ def validate_mujoco_args(args: MujocoArgs):
               f"--num-trunks {args.num_trunks} (minibatches hold whole groups)")])
 
 # ----------------------------------------------------------------------------- policy
-class RunningMeanStd:
-    """Observation statistics shared by all branches, frozen within an iteration."""
-
-    def __init__(self, shape):
-        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
-
-    def update(self, x: np.ndarray):
-        batch_mean, batch_var, n = x.mean(0), x.var(0), len(x)
-        delta, total = batch_mean - self.mean, self.count + n
-        self.mean = self.mean + delta * n / total
-        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
-        self.count = total
-
-    def normalize(self, x: np.ndarray) -> np.ndarray:
-        return np.clip((x - self.mean) / np.sqrt(self.var + 1e-8), -10.0, 10.0).astype(np.float32)
+def normalize(obs_rms: RunningMeanStd, x: np.ndarray) -> np.ndarray:
+    """Observations scaled by statistics shared by all branches, frozen within an iteration."""
+    return np.clip((x - obs_rms.mean) / np.sqrt(obs_rms.var + 1e-8), -10.0, 10.0).astype(np.float32)
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
@@ -374,7 +363,7 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
         active = ~terminated & (t < limit)
         if not active.any():
             break
-        dist = policy(torch.as_tensor(obs_rms.normalize(obs), device=device))
+        dist = policy(torch.as_tensor(normalize(obs_rms, obs), device=device))
         action = dist.sample()  # log-probs of the unclipped sample; clipping lives in the env
         mask[:, t] = active
         raw_obs[active, t], actions[active, t] = obs[active], action.cpu().numpy()[active]
@@ -413,7 +402,7 @@ def evaluate_mujoco(policy, obs_rms, args, num_episodes: int, seed: int, device,
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
     returns, done = np.zeros(num_episodes), np.zeros(num_episodes, dtype=bool)
     while not done.all():
-        mean_action = policy(torch.as_tensor(obs_rms.normalize(obs), device=device)).mean.cpu().numpy()
+        mean_action = policy(torch.as_tensor(normalize(obs_rms, obs), device=device)).mean.cpu().numpy()
         for i in np.flatnonzero(~done):
             low, high = envs[i].action_space.low, envs[i].action_space.high
             obs[i], reward, terminated, truncated, _ = envs[i].step(np.clip(mean_action[i], low, high))
@@ -440,7 +429,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
     policy = GaussianPolicy(obs_dim, act_dim, args.log_std_init, args.hidden_size, args.activation).to(device)
     reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 and args.kl_anchor == "ref" else None
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)
-    obs_rms = RunningMeanStd(obs_dim)
+    obs_rms = RunningMeanStd(shape=(obs_dim,))
 
     def new_episode():
         obs, _ = reset_env.reset()
@@ -492,7 +481,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
         # ---- rollout: G branches from each trunk's state, H steps, one batched forward per step
         batch = branched_rollout(policy, branches, trunk_states, trunk_obs, max_steps - trunk_t, obs_rms, args, device)
         global_step += int(batch["lengths"].sum())
-        obs = torch.as_tensor(obs_rms.normalize(batch["raw_obs"]), device=device)
+        obs = torch.as_tensor(normalize(obs_rms, batch["raw_obs"]), device=device)
         obs_rms.update(batch["raw_obs"][batch["mask"] > 0])  # frozen until the next iteration
         actions, old_logp, mask = (torch.as_tensor(batch[k], device=device) for k in ("actions", "logp", "mask"))
         ref_logp = reference(obs).log_prob(actions).sum(-1) if reference is not None else None

@@ -88,7 +88,7 @@ def mujoco_batches(args, eps_qs):
     env = gbm.make_mujoco_env("HalfCheetah-v4")
     policy = gbm.GaussianPolicy(env.observation_space.shape[0], env.action_space.shape[0])
     policy.load_state_dict(saved["policy"])
-    obs_rms = gbm.RunningMeanStd(env.observation_space.shape[0])
+    obs_rms = gbm.RunningMeanStd(shape=env.observation_space.shape)
     obs_rms.mean, obs_rms.var, obs_rms.count = saved["obs_mean"], saved["obs_var"], saved["obs_count"]
     N, G = args.prompts, args.group_size
     mj_args = gbm.MujocoArgs(num_trunks=N, group_size=G)
@@ -101,13 +101,13 @@ def mujoco_batches(args, eps_qs):
             o, _ = env.reset(seed=int(rng.integers(1 << 30)))
             for _ in range(int(rng.integers(0, 900))):
                 with torch.no_grad():
-                    action = policy(torch.as_tensor(obs_rms.normalize(o[None]))).sample()[0].numpy()
+                    action = policy(torch.as_tensor(gbm.normalize(obs_rms, o[None]))).sample()[0].numpy()
                 o, *_ = env.step(np.clip(action, -1, 1))
             states.append(gbm.snapshot(env))
             obs.append(o)
         torch.manual_seed(1000 + k)
         batch = gbm.branched_rollout(policy, branches, states, np.stack(obs), np.full(N, 1000), obs_rms, mj_args, torch.device("cpu"))
-        norm_obs = torch.as_tensor(obs_rms.normalize(batch["raw_obs"]))
+        norm_obs = torch.as_tensor(gbm.normalize(obs_rms, batch["raw_obs"]))
         logp = policy(norm_obs).log_prob(torch.as_tensor(batch["actions"])).sum(-1)
         mask = torch.as_tensor(batch["mask"])
         scores = torch.as_tensor(batch["scores"], dtype=torch.float32)

@@ -58,7 +58,7 @@ def test_rollout_groups_share_their_trunk_state():
     policy = gb.GaussianPolicy(obs.shape[1], envs[0].action_space.shape[0])
     with torch.no_grad():
         policy.log_std.fill_(-30.0)  # std ~ 1e-13: every branch of a group takes the same actions
-    batch = gb.branched_rollout(policy, gb.Branches(args.env_id, len(envs), 0, envs=envs), states, obs, np.array([1000, 1000]), gb.RunningMeanStd(obs.shape[1]),
+    batch = gb.branched_rollout(policy, gb.Branches(args.env_id, len(envs), 0, envs=envs), states, obs, np.array([1000, 1000]), gb.RunningMeanStd(shape=(obs.shape[1],)),
                                 args, torch.device("cpu"))
     G = args.group_size
     for n in range(args.num_trunks):
@@ -75,7 +75,7 @@ def test_terminated_and_time_limited_branches_are_masked():
     with torch.no_grad():
         policy.log_std.fill_(1.0)  # wild actions: Hopper falls within 200 steps
     steps_left = np.array([1000, 37])  # trunk 1 is 37 steps from its time limit
-    batch = gb.branched_rollout(policy, gb.Branches(args.env_id, len(envs), 0, envs=envs), states, obs, steps_left, gb.RunningMeanStd(obs.shape[1]), args, torch.device("cpu"))
+    batch = gb.branched_rollout(policy, gb.Branches(args.env_id, len(envs), 0, envs=envs), states, obs, steps_left, gb.RunningMeanStd(shape=(obs.shape[1],)), args, torch.device("cpu"))
     mask, lengths, G = batch["mask"], batch["lengths"], args.group_size
     assert batch["terminated"][:G].any()
     for i in range(len(envs)):
@@ -180,12 +180,12 @@ def test_capture_video_without_moviepy_fails_before_training(tmp_path, monkeypat
 
 def test_running_statistics_equal_those_of_all_the_data_seen():
     data = np.random.default_rng(0).normal(3.0, 2.0, size=(300, 5))
-    rms = gb.RunningMeanStd(5)
+    rms = gb.RunningMeanStd(shape=(5,))
     for part in np.array_split(data, [10, 150, 151]):  # uneven batches, one of a single row
         rms.update(part)
     np.testing.assert_allclose(rms.mean, data.mean(0), rtol=1e-5)
     np.testing.assert_allclose(rms.var, data.var(0), rtol=1e-5)  # the 1e-4 prior count weighs ~3e-7
-    np.testing.assert_allclose(rms.normalize(data).mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(gb.normalize(rms, data).mean(0), 0.0, atol=1e-5)
 
 
 def test_worker_branches_snapshot_the_asked_branches_in_order():
