@@ -2,6 +2,7 @@
 
     python benchmarks/mujoco_speed.py                            # GRPO, HalfCheetah-v4, default N x G x H
     python benchmarks/mujoco_speed.py --script pair_grpo_hard_mujoco.py --profile
+    python benchmarks/mujoco_speed.py --set num_minibatches=2   # fewer, larger optimizer steps
 
 Raw: steps per second of one gymnasium environment (`env.step` with random actions, resets at
 episode ends), best of three 5,000-step timings; and of N*G unwrapped environments stepped in turn
@@ -11,6 +12,7 @@ evaluation excluded) over `--total-timesteps`. `--profile` prints where one run'
 """
 import argparse
 import cProfile
+import dataclasses
 import importlib
 import os
 import pstats
@@ -48,6 +50,8 @@ def main():
     parser.add_argument("--env-id", default="HalfCheetah-v4")
     parser.add_argument("--total-timesteps", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="other Args fields, e.g. num_minibatches=2 (the shape N x G x H stays the default's)")
     cli = parser.parse_args()
     import torch
 
@@ -55,7 +59,8 @@ def main():
     module = importlib.import_module(cli.script[: -len(".py")])
     args = module.MujocoArgs(env_id=cli.env_id, total_timesteps=cli.total_timesteps, eval_every=10**9,
                              num_eval_episodes=1, output_dir=tempfile.mkdtemp())
-    args = module.with_env_defaults(args)
+    args = module.with_env_defaults(dataclasses.replace(args, **{
+        k: type(getattr(args, k))(v) for k, v in (item.split("=", 1) for item in cli.set)}))
     raw, branches = (raw_steps_per_second(module, cli.env_id, n) for n in (1, args.num_trunks * args.group_size))
     profiler = cProfile.Profile() if cli.profile else None
     if profiler:
