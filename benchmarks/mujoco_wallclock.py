@@ -37,17 +37,24 @@ def start(algo: str, args, out: str, steps: int) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=open(os.path.join(out, "stdout.log"), "w"), stderr=subprocess.STDOUT, env=env)
 
 
-def finish(proc: subprocess.Popen, out: str, began: float, budget: float = 0.0):
-    """Wait for a run (stopping it with SIGTERM once `budget` seconds have passed) and mark it done."""
-    while proc.poll() is None:
-        if budget and time.time() - began >= budget:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait()
+def finish(procs: dict, began: float, budget: float = 0.0, leader: str = ""):
+    """Wait for the runs {folder: process}; stop the ones still running (one SIGTERM: they checkpoint
+    and exit) once `budget` seconds have passed or the `leader` run has ended. Each run's own time
+    goes to its wall_seconds.txt, which marks it done."""
+    ended, stopped = {}, set()
+    while len(ended) < len(procs):
         time.sleep(1)
-    if proc.returncode not in (0, 128 + signal.SIGTERM):
-        sys.exit(f"error: the run in {out} failed; see {out}/stdout.log")
-    with open(os.path.join(out, "wall_seconds.txt"), "w") as f:
-        f.write(f"{time.time() - began:.0f}\n")
+        for out, proc in procs.items():
+            if out not in ended and proc.poll() is not None:
+                ended[out] = time.time() - began
+                if proc.returncode not in (0, 128 + signal.SIGTERM):
+                    sys.exit(f"error: the run in {out} failed; see {out}/stdout.log")
+                with open(os.path.join(out, "wall_seconds.txt"), "w") as f:
+                    f.write(f"{ended[out]:.0f}\n")
+        if (budget and time.time() - began >= budget) or leader in ended:
+            for out in set(procs) - set(ended) - stopped:
+                procs[out].send_signal(signal.SIGTERM)
+                stopped.add(out)
 
 
 def main():
@@ -67,19 +74,14 @@ def main():
     done = {a for a, out in outs.items() if args.reuse and os.path.exists(os.path.join(out, "wall_seconds.txt"))}
     todo = [a for a in args.algos if a not in done]
     if "sb3_ppo" not in done:  # SB3's 1M steps, the first member beside it until SB3 ends
-        began = time.time()
-        sb3 = start("sb3_ppo", args, outs["sb3_ppo"], 1_000_000)
-        beside = start(todo[0], args, outs[todo[0]], args.cap) if todo else None
-        finish(sb3, outs["sb3_ppo"], began)
-        if beside:
-            finish(beside, outs[todo.pop(0)], began, budget=1e-9)
+        began, steps = time.time(), {"sb3_ppo": 1_000_000, **{a: args.cap for a in todo[:1]}}
+        finish({outs[a]: start(a, args, outs[a], n) for a, n in steps.items()}, began, leader=outs["sb3_ppo"])
+        todo = todo[1:]
     budget = float(open(os.path.join(outs["sb3_ppo"], "wall_seconds.txt")).read())
     print(f"SB3 PPO's 1M steps took {budget:.0f} s: each member gets as long", flush=True)
     while todo:  # two at a time
         pair, began = todo[:2], time.time()
-        procs = [start(a, args, outs[a], args.cap) for a in pair]
-        for algo, proc in zip(pair, procs):
-            finish(proc, outs[algo], began, budget)
+        finish({outs[a]: start(a, args, outs[a], args.cap) for a in pair}, began, budget)
         todo = todo[2:]
     rows = []
     for algo, out in outs.items():
