@@ -125,7 +125,7 @@ def main():
             out = os.path.join(args.runs_dir, tags[env_id], label, str(seed))
             cmd = [sys.executable, os.path.join(ROOT, ALGOS[algo][0]), *ALGOS[algo][1:], "--env-id", env_id,
                    "--seed", str(seed), "--total-timesteps", str(args.total_timesteps), "--output-dir", out,
-                   *args.extra.split(), *flags.split()]
+                   *([] if algo == "sb3_ppo" else ["--save-model"]), *args.extra.split(), *flags.split()]
             os.makedirs(out, exist_ok=True)
             log = open(os.path.join(out, "stdout.log"), "w")
             print("+ " + " ".join(cmd[1:]), flush=True)
