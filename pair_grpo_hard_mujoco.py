@@ -70,8 +70,8 @@ class MujocoArgs:
     """H: steps each branch runs (unset: ENV_DEFAULTS; the episode length gives whole-episode groups)"""
     num_workers: int = 0
     """step the N*G branches in this many worker processes, a slice each (0: all in this process)"""
-    log_std_init: float = 0.0
-    """initial log-std of the Gaussian policy (CleanRL: 0; the RL Zoo's HalfCheetah PPO: -2)"""
+    log_std_init: Optional[float] = None
+    """initial log-std of the Gaussian policy (unset: ENV_DEFAULTS; CleanRL: 0; the RL Zoo's HalfCheetah PPO: -2)"""
     hidden_size: int = 64
     """width of the policy's two hidden layers (CleanRL: 64; the RL Zoo's HalfCheetah PPO: 256)"""
     activation: Literal["tanh", "relu"] = "tanh"
@@ -132,14 +132,16 @@ class MujocoArgs:
     """full episodes from fresh resets with the mean action, per evaluation"""
 
 
-# Per-environment defaults for the fields left unset. Where the robot can fall (Hopper, Walker2d), a
-# 16-step branch scores like its siblings until it falls 30 steps later: branches there run whole
-# episodes from the trunk's state, so the group sees the fall (docs/results.md, the MuJoCo suite).
-ENV_DEFAULTS = {"*": dict(segment_length=16), "Hopper-v4": dict(segment_length=1000),
-                "Walker2d-v4": dict(segment_length=1000)}
+# Per-environment defaults for the fields left unset (docs/results.md, the MuJoCo suite). Where the
+# robot can fall (Hopper, Walker2d), a 16-step branch scores like its siblings until it falls 30 steps
+# later: branches there run whole episodes from the trunk's state, so the group sees the fall. The
+# cheetah turns over and learns to run on its back unless the noise is small and a segment long
+# enough to show what a tumble costs.
+ENV_DEFAULTS = {"*": dict(segment_length=16, log_std_init=0.0), "HalfCheetah-v4": dict(segment_length=64,
+                log_std_init=-3.0), "Hopper-v4": dict(segment_length=1000), "Walker2d-v4": dict(segment_length=1000)}
 
 def with_env_defaults(args):
-    defaults = ENV_DEFAULTS.get(args.env_id, ENV_DEFAULTS["*"])
+    defaults = {**ENV_DEFAULTS["*"], **ENV_DEFAULTS.get(args.env_id, {})}
     return replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
 
 # ----------------------------------------------------------------------------- the algorithm: teacher, target, fit

@@ -59,8 +59,9 @@ def main():
     module = importlib.import_module(cli.script[: -len(".py")])
     args = module.MujocoArgs(env_id=cli.env_id, total_timesteps=cli.total_timesteps, eval_every=10**9,
                              num_eval_episodes=1, output_dir=tempfile.mkdtemp())
-    args = module.with_env_defaults(dataclasses.replace(args, **{
-        k: type(getattr(args, k))(v) for k, v in (item.split("=", 1) for item in cli.set)}))
+    args = module.with_env_defaults(args)  # filled first, so every field --set names has a type to cast to
+    args = dataclasses.replace(args, **{
+        k: type(getattr(args, k))(v) for k, v in (item.split("=", 1) for item in cli.set)})
     raw, branches = (raw_steps_per_second(module, cli.env_id, n) for n in (1, args.num_trunks * args.group_size))
     profiler = cProfile.Profile() if cli.profile else None
     if profiler:

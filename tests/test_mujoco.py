@@ -124,8 +124,13 @@ def test_env_defaults_fill_only_the_fields_left_unset():
     assert gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4")).segment_length == 1000  # whole episodes
     assert gb.with_env_defaults(gb.MujocoArgs(env_id="Walker2d-v4")).segment_length == 1000
     assert gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4", segment_length=32)).segment_length == 32
-    assert gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4")).segment_length == 16
-    assert gb.with_env_defaults(gb.MujocoArgs(env_id="InvertedPendulum-v4")).segment_length == 16
+    cheetah = gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4"))
+    assert (cheetah.segment_length, cheetah.log_std_init) == (64, -3.0)  # small noise, long segments: upright
+    assert gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4", log_std_init=0.5)).log_std_init == 0.5
+    hopper = gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4"))
+    assert hopper.log_std_init == 0.0  # a row without the field takes the "*" row's value
+    pendulum = gb.with_env_defaults(gb.MujocoArgs(env_id="InvertedPendulum-v4"))
+    assert (pendulum.segment_length, pendulum.log_std_init) == (16, 0.0)
 
 
 def test_hopper_smoke_run_with_terminations(tmp_path):
