@@ -107,8 +107,9 @@ class MujocoArgs:
 # later: branches there run whole episodes from the trunk's state, so the group sees the fall. The
 # cheetah turns over and learns to run on its back unless the noise is small and a segment long
 # enough to show what a tumble costs.
-ENV_DEFAULTS = {"*": dict(segment_length=16, log_std_init=0.0), "HalfCheetah-v4": dict(segment_length=64,
-                log_std_init=-3.0), "Hopper-v4": dict(segment_length=1000), "Walker2d-v4": dict(segment_length=1000)}
+ENV_DEFAULTS = {"*": dict(segment_length=16, log_std_init=0.0),
+                "HalfCheetah-v4": dict(segment_length=64, log_std_init=-3.0),
+                "Hopper-v4": dict(segment_length=1000), "Walker2d-v4": dict(segment_length=1000)}
 
 def with_env_defaults(args):
     defaults = {**ENV_DEFAULTS["*"], **ENV_DEFAULTS.get(args.env_id, {})}
