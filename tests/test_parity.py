@@ -40,3 +40,10 @@ def test_shared_pieces_have_identical_source(name):
 def test_every_script_lets_the_same_flags_change_on_resume():
     sets = {script: module.RESUMABLE_ARGS for script, module in MODULES.items()}
     assert all(value == sets["grpo_baseline"] for value in sets.values()), sets
+
+
+def test_every_mujoco_script_has_the_same_per_environment_defaults():
+    """ENV_DEFAULTS is data, not source the test above compares: a HalfCheetah row edited in one
+    script alone would run GRPO, Soft and Hard on different segment lengths or noise."""
+    tables = {script: module.ENV_DEFAULTS for script, module in MODULES.items() if script.endswith("_mujoco")}
+    assert len(tables) == 3 and all(value == tables["grpo_baseline_mujoco"] for value in tables.values()), tables
