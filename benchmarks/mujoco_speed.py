@@ -5,10 +5,12 @@
     python benchmarks/mujoco_speed.py --set num_minibatches=2   # fewer, larger optimizer steps
 
 Raw: steps per second of one gymnasium environment (`env.step` with random actions, resets at
-episode ends), best of three 5,000-step timings; and of N*G unwrapped environments stepped in turn
-(the branches: this design's own limit; on the project's VM they step at 0.8 of one environment's
-rate). Training: the script's own `charts/SPS` (training time only,
-evaluation excluded) over `--total-timesteps`. `--profile` prints where one run's time goes.
+episode ends), best of three 5,000-step timings, taken before and again after training (the
+ratio is to their mean; where the two differ much, the machine's speed moved and the ratio is
+unsure); and of N*G unwrapped environments stepped in turn (the branches: this design's own
+limit; on the project's VM they step at 0.8 of one environment's rate). Training: the script's
+own `charts/SPS` (training time only, evaluation excluded) over `--total-timesteps`. `--profile`
+prints where one run's time goes.
 """
 import argparse
 import cProfile
@@ -70,9 +72,11 @@ def main():
     if profiler:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    print(f"{cli.script} {cli.env_id}: raw env.step {raw:,.0f} steps/s (one environment), {branches:,.0f} "
-          f"({args.num_trunks * args.group_size} in turn); training {summary['SPS']:,.0f} SPS (N={args.num_trunks} x "
-          f"G={args.group_size} x H={args.segment_length}): ratio {summary['SPS'] / raw:.2f} to one environment, "
+    after = raw_steps_per_second(module, cli.env_id)  # this machine's speed drifts: bracket the training run
+    print(f"{cli.script} {cli.env_id}: raw env.step {raw:,.0f} steps/s before training, {after:,.0f} after "
+          f"(one environment), {branches:,.0f} ({args.num_trunks * args.group_size} in turn); training "
+          f"{summary['SPS']:,.0f} SPS (N={args.num_trunks} x G={args.group_size} x H={args.segment_length}): ratio "
+          f"{summary['SPS'] / ((raw + after) / 2):.2f} to one environment (mean of before and after), "
           f"{summary['SPS'] / branches:.2f} to the branches")
 
 

@@ -9,8 +9,8 @@ the two cores of this VM with one other single-thread run, as SB3 did.
     python benchmarks/mujoco_wallclock.py --env-id Hopper-v4 --seed 1 --cap 8000000 \
         --sb3-run runs/benchmarks/hopper/sb3_ppo/1 --reuse    # SB3's run from the suite sets the time
 
-Runs live in runs/benchmarks/{env}_wallclock/{algo}/{seed} (a finished run holds wall_seconds.txt;
---reuse keeps those). Writes docs/results/{env}_wallclock.csv: per run its seconds, the steps it
+Runs live in runs/benchmarks/{tag}/{algo}/{seed} (--tag, default {env}_wallclock; a finished run holds
+wall_seconds.txt; --reuse keeps those). Writes docs/results/{tag}.csv: per run its seconds, the steps it
 reached, and its training-episode return (last 10 episodes) and eval return at the end.
 """
 import argparse
@@ -66,9 +66,11 @@ def main():
     parser.add_argument("--sb3-run", default=None, help="a finished SB3 run folder to take the time from")
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "benchmarks"))
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs", "results"))
+    parser.add_argument("--tag", default="{env}_wallclock", help="runs folder and CSV name; {env}: the short name")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs")
     args = parser.parse_args()
-    base = os.path.join(args.runs_dir, f"{short(args.env_id)}_wallclock")
+    tag = args.tag.format(env=short(args.env_id))
+    base = os.path.join(args.runs_dir, tag)
     outs = {a: os.path.join(base, a, str(args.seed)) for a in ["sb3_ppo", *args.algos]}
     outs["sb3_ppo"] = args.sb3_run or outs["sb3_ppo"]
     done = {a for a, out in outs.items() if args.reuse and os.path.exists(os.path.join(out, "wall_seconds.txt"))}
@@ -92,7 +94,7 @@ def main():
                      .strip(), "steps": max(s for s, _ in logged["charts/SPS"]),
                      "train_return": round(float(np.mean([v for _, v in train[-10:]])), 1),
                      "eval_return": round(float(evals[-1][1]), 1) if evals else ""})
-    path = os.path.join(args.out_dir, f"{short(args.env_id)}_wallclock.csv")
+    path = os.path.join(args.out_dir, f"{tag}.csv")
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
