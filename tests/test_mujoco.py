@@ -126,9 +126,12 @@ def test_env_defaults_fill_only_the_fields_left_unset():
     assert gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4", segment_length=32)).segment_length == 32
     cheetah = gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4"))
     assert (cheetah.segment_length, cheetah.log_std_init) == (64, -3.0)  # small noise, long segments: upright
+    assert (cheetah.num_trunks, cheetah.num_minibatches) == (4, 4)  # unset minibatches: one group each
+    assert gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4", num_trunks=16)).num_minibatches == 16
+    assert gb.with_env_defaults(gb.MujocoArgs(num_trunks=8, num_minibatches=2)).num_minibatches == 2
     assert gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4", log_std_init=0.5)).log_std_init == 0.5
     hopper = gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4"))
-    assert hopper.log_std_init == 0.0  # a row without the field takes the "*" row's value
+    assert (hopper.log_std_init, hopper.num_trunks, hopper.num_minibatches) == (0.0, 8, 8)  # the "*" row's values
     pendulum = gb.with_env_defaults(gb.MujocoArgs(env_id="InvertedPendulum-v4"))
     assert (pendulum.segment_length, pendulum.log_std_init) == (16, 0.0)
 
