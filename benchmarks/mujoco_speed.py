@@ -9,7 +9,9 @@ episode ends), best of three 5,000-step timings, taken before and again after tr
 ratio is to their mean; where the two differ much, the machine's speed moved and the ratio is
 unsure); and of N*G unwrapped environments stepped in turn (the branches: this design's own
 limit; on the project's VM they step at 0.8 of one environment's rate). Training: the script's
-own `charts/SPS` (training time only, evaluation excluded) over `--total-timesteps`. `--profile`
+own `charts/SPS` (training time only, evaluation excluded) over `--total-timesteps`; and, immune
+to the drift, that SPS against the rate the simulator itself stepped at during that training
+(every `step` call timed; its final evaluation's 1,000 steps included). `--profile`
 prints where one run's time goes.
 """
 import argparse
@@ -65,6 +67,18 @@ def main():
     args = dataclasses.replace(args, **{
         k: type(getattr(args, k))(v) for k, v in (item.split("=", 1) for item in cli.set)})
     raw, branches = (raw_steps_per_second(module, cli.env_id, n) for n in (1, args.num_trunks * args.group_size))
+    # Drift-proof: time every simulator step inside the training run too (the bare simulator, no
+    # wrappers, so this per-step rate is at least raw env.step's at the same moments)
+    simulator, timed = type(module.make_mujoco_env(cli.env_id).unwrapped), {"seconds": 0.0, "calls": 0}
+    step = simulator.step
+
+    def timed_step(self, action):
+        start = time.perf_counter()
+        result = step(self, action)
+        timed["seconds"], timed["calls"] = timed["seconds"] + time.perf_counter() - start, timed["calls"] + 1
+        return result
+
+    simulator.step = timed_step
     profiler = cProfile.Profile() if cli.profile else None
     if profiler:
         profiler.enable()
@@ -72,12 +86,15 @@ def main():
     if profiler:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    simulator.step = step
     after = raw_steps_per_second(module, cli.env_id)  # this machine's speed drifts: bracket the training run
+    inside = timed["calls"] / timed["seconds"]
     print(f"{cli.script} {cli.env_id}: raw env.step {raw:,.0f} steps/s before training, {after:,.0f} after "
           f"(one environment), {branches:,.0f} ({args.num_trunks * args.group_size} in turn); training "
           f"{summary['SPS']:,.0f} SPS (N={args.num_trunks} x G={args.group_size} x H={args.segment_length}): ratio "
           f"{summary['SPS'] / ((raw + after) / 2):.2f} to one environment (mean of before and after), "
-          f"{summary['SPS'] / branches:.2f} to the branches")
+          f"{summary['SPS'] / branches:.2f} to the branches; the simulator stepped at {inside:,.0f} steps/s during "
+          f"training: ratio {summary['SPS'] / inside:.2f} to that")
 
 
 if __name__ == "__main__":
