@@ -8,7 +8,7 @@ Raw: steps per second of one gymnasium environment (`env.step` with random actio
 episode ends), best of three 5,000-step timings, taken before and again after training (the
 ratio is to their mean; where the two differ much, the machine's speed moved and the ratio is
 unsure); and of N*G unwrapped environments stepped in turn (the branches: this design's own
-limit; on the project's VM they step at 0.8 of one environment's rate). Training: the script's
+limit). Training: the script's
 own `charts/SPS` (training time only, evaluation excluded) over `--total-timesteps`; and, immune
 to the drift, that SPS against the rate the simulator itself stepped at during that training
 (every `step` call timed; its final evaluation's 1,000 steps included). `--profile`
@@ -68,7 +68,7 @@ def main():
         k: type(getattr(args, k))(v) for k, v in (item.split("=", 1) for item in cli.set)})
     raw, branches = (raw_steps_per_second(module, cli.env_id, n) for n in (1, args.num_trunks * args.group_size))
     # Drift-proof: time every simulator step inside the training run too (the bare simulator, no
-    # wrappers, so this per-step rate is at least raw env.step's at the same moments)
+    # wrappers): what a step costs there, measured at the same moments as the training SPS
     simulator, timed = type(module.make_mujoco_env(cli.env_id).unwrapped), {"seconds": 0.0, "calls": 0}
     step = simulator.step
 
