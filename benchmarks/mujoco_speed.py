@@ -63,9 +63,9 @@ def main():
     module = importlib.import_module(cli.script[: -len(".py")])
     args = module.MujocoArgs(env_id=cli.env_id, total_timesteps=cli.total_timesteps, eval_every=10**9,
                              num_eval_episodes=1, output_dir=tempfile.mkdtemp())
-    args = module.with_env_defaults(args)  # filled first, so every field --set names has a type to cast to
-    args = dataclasses.replace(args, **{
-        k: type(getattr(args, k))(v) for k, v in (item.split("=", 1) for item in cli.set)})
+    filled = module.with_env_defaults(args)  # every field --set names has a type to cast to here; the fill
+    args = module.with_env_defaults(dataclasses.replace(args, **{  # comes after, so num_trunks=8 brings 8 minibatches
+        k: type(getattr(filled, k))(v) for k, v in (item.split("=", 1) for item in cli.set)}))
     raw, branches = (raw_steps_per_second(module, cli.env_id, n) for n in (1, args.num_trunks * args.group_size))
     # Drift-proof: time every simulator step inside the training run too (the bare simulator, no
     # wrappers): what a step costs there, measured at the same moments as the training SPS
