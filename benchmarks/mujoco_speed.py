@@ -8,11 +8,10 @@ Raw: steps per second of one gymnasium environment (`env.step` with random actio
 episode ends), best of three 5,000-step timings, taken before and again after training (the
 ratio is to their mean; where the two differ much, the machine's speed moved and the ratio is
 unsure); and of N*G unwrapped environments stepped in turn (the branches: this design's own
-limit). Training: the script's
-own `charts/SPS` (training time only, evaluation excluded) over `--total-timesteps`; and, immune
-to the drift, that SPS against the rate the simulator itself stepped at during that training
-(every `step` call timed; its final evaluation's 1,000 steps included). `--profile`
-prints where one run's time goes.
+limit). Training: the script's own `charts/SPS` (training time only, evaluation excluded) over
+`--total-timesteps`; and, immune to the drift, that SPS against the rate the simulator itself
+stepped at during that training (every `step` call timed; its final evaluation's 1,000 steps
+included). `--profile` prints where one run's time goes.
 """
 import argparse
 import cProfile
