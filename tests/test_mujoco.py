@@ -112,6 +112,8 @@ def test_smoke_run_logs_saves_and_reloads(tmp_path):
     tags = set(acc.Tags()["scalars"])
     assert {"charts/episodic_return", "charts/SPS", "eval/episodic_return", "losses/policy_loss",
             "losses/approx_kl", "losses/clipfrac", "losses/entropy"} <= tags
+    rates = [s.value for s in acc.Scalars("charts/learning_rate")]  # HalfCheetah's default: constant
+    assert len(rates) == 4 and rates == pytest.approx([args.learning_rate] * 4)
     assert len(acc.Scalars("charts/episodic_return")) == 2  # one finished episode per trunk
     saved = torch.load(os.path.join(run_dir, "model.pt"), weights_only=False)
     policy = gb.GaussianPolicy(17, 6)
@@ -127,11 +129,13 @@ def test_env_defaults_fill_only_the_fields_left_unset():
     cheetah = gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4"))
     assert (cheetah.segment_length, cheetah.log_std_init) == (64, -3.0)  # small noise, long segments: upright
     assert (cheetah.num_trunks, cheetah.num_minibatches) == (4, 4)  # unset minibatches: one group each
+    assert cheetah.anneal_lr is False  # a constant rate: the return still climbs at 1M steps
+    assert gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4", anneal_lr=True)).anneal_lr is True
     assert gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4", num_trunks=16)).num_minibatches == 16
     assert gb.with_env_defaults(gb.MujocoArgs(num_trunks=8, num_minibatches=2)).num_minibatches == 2
     assert gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4", log_std_init=0.5)).log_std_init == 0.5
     hopper = gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4"))
-    assert (hopper.log_std_init, hopper.num_trunks, hopper.num_minibatches) == (0.0, 8, 8)  # the "*" row's values
+    assert (hopper.log_std_init, hopper.num_trunks, hopper.num_minibatches, hopper.anneal_lr) == (0.0, 8, 8, True)
     pendulum = gb.with_env_defaults(gb.MujocoArgs(env_id="InvertedPendulum-v4"))
     assert (pendulum.segment_length, pendulum.log_std_init) == (16, 0.0)
 
