@@ -64,7 +64,8 @@ def main():
                              num_eval_episodes=1, output_dir=tempfile.mkdtemp())
     filled = module.with_env_defaults(args)  # every field --set names has a type to cast to here; the fill
     args = module.with_env_defaults(dataclasses.replace(args, **{  # comes after, so num_trunks=8 brings 8 minibatches
-        k: type(getattr(filled, k))(v) for k, v in (item.split("=", 1) for item in cli.set)}))
+        k: v.lower() in ("true", "1") if isinstance(getattr(filled, k), bool) else type(getattr(filled, k))(v)
+        for k, v in (item.split("=", 1) for item in cli.set)}))
     raw, branches = (raw_steps_per_second(module, cli.env_id, n) for n in (1, args.num_trunks * args.group_size))
     # Drift-proof: time every simulator step inside the training run too (the bare simulator, no
     # wrappers): what a step costs there, measured at the same moments as the training SPS

@@ -1,6 +1,7 @@
 """Equal wall-clock against the peer: SB3 PPO (RL Zoo settings) runs its 1M steps on one core, then
 each family member runs on one core for exactly as many seconds (a SIGTERM at SB3's time: the
-scripts checkpoint and stop), with its learning rate annealed over --cap steps. The first member
+scripts checkpoint and stop), with --cap as its --total-timesteps (where the learning rate anneals, it
+anneals over --cap; HalfCheetah's is constant unless --extra "--anneal-lr True"). The first member
 runs beside SB3 and is stopped when SB3 ends; the others run two at a time. So every run shares
 the two cores of this VM with one other single-thread run, as SB3 did.
 
@@ -30,7 +31,8 @@ from mujoco_suite import ALGOS, ROOT, short, tb_scalars  # noqa: E402
 
 def start(algo: str, args, out: str, steps: int) -> subprocess.Popen:
     cmd = [sys.executable, os.path.join(ROOT, ALGOS[algo][0]), *ALGOS[algo][1:], "--env-id", args.env_id,
-           "--seed", str(args.seed), "--total-timesteps", str(steps), "--output-dir", out]
+           "--seed", str(args.seed), "--total-timesteps", str(steps), "--output-dir", out,
+           *([] if algo == "sb3_ppo" else args.extra.split())]
     os.makedirs(out, exist_ok=True)
     print("+ " + " ".join(cmd[1:]), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -64,6 +66,7 @@ def main():
     parser.add_argument("--algos", nargs="+", default=["grpo", "soft", "hard"], choices=["grpo", "soft", "hard"])
     parser.add_argument("--cap", type=int, default=10_000_000, help="the family runs' step budget (lr schedule)")
     parser.add_argument("--sb3-run", default=None, help="a finished SB3 run folder to take the time from")
+    parser.add_argument("--extra", default="", help="flags added to every family run, e.g. '--anneal-lr True'")
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "benchmarks"))
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs", "results"))
     parser.add_argument("--tag", default="{env}_wallclock", help="runs folder and CSV name; {env}: the short name")
