@@ -76,7 +76,10 @@ def main():
     base = os.path.join(args.runs_dir, tag)
     outs = {a: os.path.join(base, a, str(args.seed)) for a in ["sb3_ppo", *args.algos]}
     outs["sb3_ppo"] = args.sb3_run or outs["sb3_ppo"]
-    done = {a for a, out in outs.items() if args.reuse and os.path.exists(os.path.join(out, "wall_seconds.txt"))}
+    if args.sb3_run and not os.path.exists(os.path.join(args.sb3_run, "wall_seconds.txt")):
+        sys.exit(f"error: --sb3-run {args.sb3_run!r} is not a finished run (no wall_seconds.txt in it)")
+    finished = {a for a, out in outs.items() if os.path.exists(os.path.join(out, "wall_seconds.txt"))}
+    done = finished if args.reuse else finished & ({"sb3_ppo"} if args.sb3_run else set())  # --sb3-run: read only
     todo = [a for a in args.algos if a not in done]
     if "sb3_ppo" not in done:  # SB3's 1M steps, the first member beside it until SB3 ends
         began, steps = time.time(), {"sb3_ppo": 1_000_000, **{a: args.cap for a in todo[:1]}}
