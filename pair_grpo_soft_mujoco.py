@@ -63,6 +63,8 @@ class MujocoArgs:
     """G: branches restored from each trunk's state"""
     segment_length: Optional[int] = None
     """H: steps each branch runs (unset: ENV_DEFAULTS; the episode length gives whole-episode groups)"""
+    lookahead: Optional[int] = None
+    """L: further steps each branch runs after its H, scored but left out of the loss (unset: ENV_DEFAULTS)"""
     num_workers: int = 0
     """step the N*G branches in this many worker processes, a slice each (0: all in this process)"""
     log_std_init: Optional[float] = None
@@ -121,7 +123,7 @@ class MujocoArgs:
 # cheetah turns over and learns to run on its back unless the noise is small and a segment long
 # enough to show what a tumble costs; there, 4 trunks (twice the updates per step) learn faster than 8,
 # and a constant learning rate than one annealed to 0, as the return is still climbing at 1M steps.
-ENV_DEFAULTS = {"*": dict(num_trunks=8, segment_length=16, log_std_init=0.0, anneal_lr=True),
+ENV_DEFAULTS = {"*": dict(num_trunks=8, segment_length=16, lookahead=0, log_std_init=0.0, anneal_lr=True),
                 "HalfCheetah-v4": dict(num_trunks=4, segment_length=64, log_std_init=-3.0, anneal_lr=False),
                 "Hopper-v4": dict(segment_length=1000), "Walker2d-v4": dict(segment_length=1000)}
 
@@ -263,6 +265,7 @@ def validate_mujoco_args(args: MujocoArgs):
              for k in at_least_one]
           + [(args.checkpoint_every >= 0, f"--checkpoint-every must be 0 (off) or positive "
               f"(got {args.checkpoint_every})"),
+             (args.lookahead >= 0, f"--lookahead must be 0 (off) or positive (got {args.lookahead})"),
              (0 <= args.num_workers <= args.num_trunks * args.group_size, f"--num-workers must lie in [0, N*G = "
               f"{args.num_trunks * args.group_size}] (got {args.num_workers})"),
              (args.num_trunks % args.num_minibatches == 0, f"--num-minibatches {args.num_minibatches} must divide "
@@ -402,16 +405,20 @@ class Branches:
 
 @torch.no_grad()
 def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_rms, args, device) -> dict:
-    """Restore each trunk's state into its G branches and step all N*G of them H steps.
-    A branch stops at termination or at its trunk's time limit; later steps are masked."""
-    G, H, B = args.group_size, args.segment_length, len(trunk_states) * args.group_size
+    """Restore each trunk's state into its G branches and step all N*G of them H steps, then L
+    look-ahead steps that count in a branch's score, not in the loss. A branch stops at termination
+    or at its trunk's time limit; later steps are masked. The trunk goes on from step H."""
+    G, H, L, B = args.group_size, args.segment_length, args.lookahead, len(trunk_states) * args.group_size
     branches.restore([trunk_states[i // G] for i in range(B)])
-    obs, limit = np.repeat(trunk_obs, G, axis=0), np.repeat(np.minimum(steps_left, H), G)
-    raw_obs = np.zeros((B, H, obs.shape[1]))
-    actions = np.zeros((B, H, branches.action_space.shape[0]), dtype=np.float32)
-    logp, rewards, mask = np.zeros((B, H), np.float32), np.zeros((B, H)), np.zeros((B, H), np.float32)
+    obs, limit = np.repeat(trunk_obs, G, axis=0), np.repeat(np.minimum(steps_left, H + L), G)
+    raw_obs = np.zeros((B, H + L, obs.shape[1]))
+    actions = np.zeros((B, H + L, branches.action_space.shape[0]), dtype=np.float32)
+    logp, rewards, mask = np.zeros((B, H + L), np.float32), np.zeros((B, H + L)), np.zeros((B, H + L), np.float32)
     terminated, low, high = np.zeros(B, dtype=bool), branches.action_space.low, branches.action_space.high
-    for t in range(H):
+    trunk_next = None
+    for t in range(H + L):
+        if t == H:  # where the trunk goes on; the look-ahead only scores the branch
+            trunk_next = branches.snapshot(list(range(B))), obs.copy(), terminated.copy()
         active = ~terminated & (t < limit)
         if not active.any():
             break
@@ -423,11 +430,13 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
         step_obs, step_rewards, step_terminated = branches.step(np.clip(actions[:, t], low, high), active)
         obs[active], rewards[active, t] = step_obs[active], step_rewards[active]
         terminated[active] = step_terminated[active]
-    lengths = mask.sum(1).astype(int)
-    T = lengths.max()  # cut the steps no branch reached: long H on a falling robot is mostly padding
-    return {"raw_obs": raw_obs[:, :T], "actions": actions[:, :T], "logp": logp[:, :T], "mask": mask[:, :T],
-            "rewards": rewards[:, :T], "scores": rewards.sum(1), "end_obs": obs, "terminated": terminated,
-            "lengths": lengths}
+    states, end_obs, ended = trunk_next or (branches.snapshot(list(range(B))), obs, terminated)
+    lengths, learned = mask.sum(1).astype(int), mask[:, :H]
+    T = int(learned.sum(1).max())  # cut the steps no branch reached: long H on a falling robot is mostly padding
+    return {"raw_obs": raw_obs[:, :T], "actions": actions[:, :T], "logp": logp[:, :T], "mask": learned[:, :T],
+            "rewards": rewards[:, :lengths.max()], "scores": rewards.sum(1), "lengths": lengths, "states": states,
+            "end_obs": end_obs, "terminated": ended, "segment_lengths": learned.sum(1).astype(int),
+            "segment_returns": rewards[:, :H].sum(1)}
 
 def check_video(env_id: str):
     """--capture-video fails at the start, not after the whole run: gymnasium's RecordVideo
@@ -543,15 +552,16 @@ def train_mujoco(args: MujocoArgs) -> dict:
 
         # ---- trunks continue from one uniformly chosen branch; episodes end at termination or the time limit
         chosen = [n * G + np.random.randint(G) for n in range(N)]
-        for n, i, branch_state in zip(range(N), chosen, branches.snapshot(chosen)):
-            trunk_return[n], trunk_t[n] = trunk_return[n] + batch["scores"][i], trunk_t[n] + batch["lengths"][i]
+        for n, i in enumerate(chosen):
+            trunk_return[n] += batch["segment_returns"][i]
+            trunk_t[n] += batch["segment_lengths"][i]
             if batch["terminated"][i] or trunk_t[n] >= max_steps:
                 writer.add_scalar("charts/episodic_return", trunk_return[n], global_step)
                 writer.add_scalar("charts/episodic_length", trunk_t[n], global_step)
                 recent_returns = (recent_returns + [trunk_return[n]])[-20:]
                 (trunk_states[n], trunk_obs[n]), trunk_t[n], trunk_return[n] = new_episode(), 0, 0.0
             else:
-                trunk_states[n], trunk_obs[n] = branch_state, batch["end_obs"][i]
+                trunk_states[n], trunk_obs[n] = batch["states"][i], batch["end_obs"][i]
 
         # ---- teacher: labels for all G(G-1)/2 pairs of each group; the learner sees only these
         scores = torch.as_tensor(batch["scores"], dtype=torch.float32)  # hidden from the learner

@@ -82,8 +82,11 @@ def mujoco_batches(args, eps_qs):
     import pair_grpo_soft_mujoco as soft
     import grpo_baseline_mujoco as gbm
 
+    # The shape the published rows were measured at (HalfCheetah's defaults then): H = 16, 8 trunks, log-std 0
+    shape = dict(num_trunks=8, segment_length=16, lookahead=0, log_std_init=0.0, anneal_lr=True)
     with tempfile.TemporaryDirectory() as tmp:  # the fixed policy: GRPO after 200k steps
-        summary = gbm.train_mujoco(gbm.MujocoArgs(total_timesteps=200_000, eval_every=1000, save_model=True, output_dir=tmp))
+        summary = gbm.train_mujoco(gbm.MujocoArgs(total_timesteps=200_000, eval_every=1000, save_model=True,
+                                                  output_dir=tmp, **shape))
         saved = torch.load(os.path.join(tmp, summary["run_name"], "model.pt"), weights_only=False)
     env = gbm.make_mujoco_env("HalfCheetah-v4")
     policy = gbm.GaussianPolicy(env.observation_space.shape[0], env.action_space.shape[0])
@@ -91,7 +94,7 @@ def mujoco_batches(args, eps_qs):
     obs_rms = gbm.RunningMeanStd(shape=env.observation_space.shape)
     obs_rms.mean, obs_rms.var, obs_rms.count = saved["obs_mean"], saved["obs_var"], saved["obs_count"]
     N, G = args.prompts, args.group_size
-    mj_args = gbm.MujocoArgs(num_trunks=N, group_size=G)
+    mj_args = gbm.with_env_defaults(gbm.MujocoArgs(**{**shape, "num_trunks": N, "group_size": G}))
     branches = gbm.Branches("HalfCheetah-v4", N * G, 1)
     params = list(policy.parameters())
     for k in range(args.batches):

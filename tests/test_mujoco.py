@@ -10,7 +10,7 @@ import grpo_baseline_mujoco as gb
 
 
 def small_args(**overrides):
-    kwargs = dict(num_trunks=2, group_size=4, segment_length=16, num_minibatches=2, update_epochs=2,
+    kwargs = dict(num_trunks=2, group_size=4, segment_length=16, lookahead=0, num_minibatches=2, update_epochs=2,
                   total_timesteps=1024, eval_every=100, num_eval_episodes=1)
     kwargs.update(overrides)
     return gb.MujocoArgs(**kwargs)
@@ -85,6 +85,31 @@ def test_terminated_and_time_limited_branches_are_masked():
     assert (lengths[G:] <= 37).all() and (lengths[G:][~batch["terminated"][G:]] == 37).all()
     assert (batch["logp"][mask == 0] == 0).all() and batch["raw_obs"][mask == 0].sum() == 0
     assert mask.shape[1] == lengths.max()  # the steps no branch reached are cut, not carried as padding
+
+
+def test_lookahead_scores_the_branch_but_the_loss_and_the_trunk_stop_at_h():
+    H, L = 8, 60
+    args = small_args(env_id="Hopper-v4", segment_length=H)
+    envs = branches_for(args, histories=False)
+    states, obs = start_states(args)
+    policy = gb.GaussianPolicy(obs.shape[1], envs[0].action_space.shape[0], log_std_init=0.7)  # falls in ~30 steps
+
+    def rollout(**shape):  # the same seed: the first steps draw the same actions whatever H + L is
+        torch.manual_seed(0)
+        return gb.branched_rollout(policy, gb.Branches(args.env_id, len(envs), 0, envs=envs), states, obs,
+                                   np.array([1000, 1000]), gb.RunningMeanStd(shape=(obs.shape[1],)),
+                                   gb.replace(args, **shape), torch.device("cpu"))
+
+    ahead, short, long = rollout(lookahead=L), rollout(lookahead=0), rollout(segment_length=H + L, lookahead=0)
+    for key in ("raw_obs", "actions", "logp", "mask", "end_obs", "terminated", "segment_returns"):
+        np.testing.assert_array_equal(ahead[key], short[key], err_msg=key)  # the loss and the trunk see H steps
+    for a, b in zip(ahead["states"], short["states"]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ahead["scores"], long["scores"])  # the score sees all H + L
+    np.testing.assert_array_equal(ahead["lengths"], long["lengths"])
+    assert ahead["mask"].shape[1] == H and (ahead["segment_lengths"] <= H).all()
+    fell_ahead = ~ahead["terminated"] & (ahead["lengths"] < H + L)  # the trunk goes on; the score saw the fall
+    assert fell_ahead.any() and long["terminated"][fell_ahead].all() and (ahead["segment_lengths"][fell_ahead] == H).all()
 
 
 def test_segment_advantage_is_shared_by_every_step_and_masked_steps_get_no_gradient():
