@@ -148,9 +148,10 @@ def test_smoke_run_logs_saves_and_reloads(tmp_path):
 
 
 def test_env_defaults_fill_only_the_fields_left_unset():
-    assert gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4")).segment_length == 1000  # whole episodes
-    assert gb.with_env_defaults(gb.MujocoArgs(env_id="Walker2d-v4")).segment_length == 1000
-    assert gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4", segment_length=32)).segment_length == 32
+    for env_id in ("Hopper-v4", "Walker2d-v4"):  # 64 learned steps, scored over 512: the group sees a fall
+        falls = gb.with_env_defaults(gb.MujocoArgs(env_id=env_id))
+        assert (falls.segment_length, falls.lookahead, falls.num_trunks, falls.log_std_init) == (64, 448, 4, -0.5)
+    assert gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4", segment_length=1000, lookahead=0)).lookahead == 0
     cheetah = gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4"))
     assert (cheetah.segment_length, cheetah.log_std_init) == (64, -3.0)  # small noise, long segments: upright
     assert (cheetah.num_trunks, cheetah.num_minibatches) == (4, 4)  # unset minibatches: one group each
@@ -160,14 +161,28 @@ def test_env_defaults_fill_only_the_fields_left_unset():
     assert gb.with_env_defaults(gb.MujocoArgs(num_trunks=8, num_minibatches=2)).num_minibatches == 2
     assert gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4", log_std_init=0.5)).log_std_init == 0.5
     hopper = gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4"))
-    assert (hopper.log_std_init, hopper.num_trunks, hopper.num_minibatches, hopper.anneal_lr) == (0.0, 8, 8, True)
+    assert (hopper.num_minibatches, hopper.anneal_lr) == (4, True)
     pendulum = gb.with_env_defaults(gb.MujocoArgs(env_id="InvertedPendulum-v4"))
-    assert (pendulum.segment_length, pendulum.log_std_init) == (16, 0.0)
+    assert (pendulum.segment_length, pendulum.lookahead, pendulum.log_std_init) == (16, 0, 0.0)
+    assert cheetah.lookahead == 0
 
 
 def test_hopper_smoke_run_with_terminations(tmp_path):
-    summary = gb.train_mujoco(small_args(env_id="Hopper-v4", output_dir=str(tmp_path), total_timesteps=3000, segment_length=64))
+    summary = gb.train_mujoco(small_args(env_id="Hopper-v4", output_dir=str(tmp_path), total_timesteps=3000,
+                                         segment_length=None, lookahead=None))  # the defaults: a look-ahead
     assert summary["global_step"] >= 3000
+
+
+def test_lookahead_steps_count_but_the_episode_clock_moves_by_h(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # H = 250, L = 100: three iterations of 350 steps per branch, then the time limit cuts the fourth to 250
+    args = small_args(output_dir=str(tmp_path), group_size=2, segment_length=250, lookahead=100, total_timesteps=1)
+    summary = gb.train_mujoco(gb.replace(args, total_timesteps=2 * 2 * (3 * 350 + 250)))
+    assert (summary["global_step"], summary["iterations"]) == (5200, 4)
+    acc = EventAccumulator(os.path.join(str(tmp_path), summary["run_name"]))
+    acc.Reload()
+    assert [s.value for s in acc.Scalars("charts/episodic_length")] == [1000, 1000]  # one episode per trunk
 
 
 def expect_error(match, **overrides):
