@@ -496,11 +496,11 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
         obs[active], rewards[active, t] = step_obs[active], step_rewards[active]
         terminated[active] = step_terminated[active]
     states, end_obs, ended = trunk_next or (branches.snapshot(list(range(B))), obs, terminated)
-    lengths, learned = mask.sum(1).astype(int), mask[:, :H]
-    T = int(learned.sum(1).max())  # cut the steps no branch reached: long H on a falling robot is mostly padding
-    return {"raw_obs": raw_obs[:, :T], "actions": actions[:, :T], "logp": logp[:, :T], "mask": learned[:, :T],
+    lengths, segment_lengths = mask.sum(1).astype(int), mask[:, :H].sum(1).astype(int)
+    T = segment_lengths.max()  # cut the steps no branch reached: long H on a falling robot is mostly padding
+    return {"raw_obs": raw_obs[:, :T], "actions": actions[:, :T], "logp": logp[:, :T], "mask": mask[:, :T],
             "rewards": rewards[:, :lengths.max()], "scores": rewards.sum(1), "lengths": lengths, "states": states,
-            "end_obs": end_obs, "terminated": ended, "segment_lengths": learned.sum(1).astype(int),
+            "end_obs": end_obs, "terminated": ended, "segment_lengths": segment_lengths,
             "segment_returns": rewards[:, :H].sum(1)}
 
 def check_video(env_id: str):
