@@ -12,7 +12,8 @@ docs/results/{tag}_summary.csv (one row per algo and seed) and docs/results/{tag
 `{env}` in --tag stands for the environment's short name (halfcheetah, hopper, ...) and algo is
 the algorithm's name, with the variant's name in brackets if any. Runs live in
 runs/benchmarks/{tag}/{algo}/{seed}; --reuse keeps the finished ones, so a suite accumulates
-across sessions. Raw `env.step` throughput, the physical limit of this design, is measured alone
+across sessions, and a tag's CSVs keep the rows of runs that are not in runs/ any more (a fresh
+checkout): an invocation replaces only the rows of the runs it summarises. Raw `env.step` throughput, the physical limit of this design, is measured alone
 on one core before and after the runs (best of each three).
 """
 import argparse
@@ -180,6 +181,19 @@ def summarize(env_id: str, tag: str, labels: list, finished: list, raw: float, a
                      # pair methods: the fraction of the teacher's labels that agree with the oracle
                      "label_agreement": np.mean([v for _, v in logged["charts/label_agreement"]])
                      if "charts/label_agreement" in logged else ""})
+    # runs/ does not outlive a checkout, the CSVs do: rows of runs not summarised now are kept
+    rows_csv, curves_csv = (os.path.join(args.out_dir, f"{tag}_{kind}.csv") for kind in ("summary", "curves"))
+    done = {(r["algo"], r["seed"]) for r in rows}
+    kept = [r for r in (csv.DictReader(open(rows_csv)) if os.path.exists(rows_csv) else [])
+            if (r["algo"], int(r["seed"])) not in done]
+    if kept:
+        print("kept from the CSVs: " + ", ".join(f"{r['algo']} seed {r['seed']}" for r in kept), flush=True)
+        rows += [{k: (int(v) if k == "seed" else number(v)) for k, v in r.items()} for r in kept]
+        keep = {(r["algo"], int(r["seed"])) for r in kept}
+        curves += [(a, int(sd), t, int(float(st)), float(v)) for a, sd, t, st, v in list(csv.reader(open(curves_csv)))[1:]
+                   if (a, int(sd)) in keep]
+        labels = labels + sorted({r["algo"] for r in kept} - set(labels))
+        rows.sort(key=lambda r: (r["algo"], r["seed"]))
     with open(os.path.join(args.out_dir, f"{tag}_curves.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["algo", "seed", "tag", "global_step", "value"])
@@ -193,11 +207,21 @@ def summarize(env_id: str, tag: str, labels: list, finished: list, raw: float, a
     for algo in labels:
         mine = [r for r in rows if r["algo"] == algo]
         if mine:
-            tr, ev, sps = ([r[k] for r in mine] for k in ("final_train_return", "final_eval_return", "SPS"))
+            tr, ev, sps, ratio = ([r[k] for r in mine] for k in ("final_train_return", "final_eval_return", "SPS",
+                                                                  "sps_ratio"))
             print(f"{algo} | {np.mean(tr):.0f} +- {np.std(tr):.0f} | {np.mean(ev):.0f} +- {np.std(ev):.0f} | "
-                  f"{np.mean(sps):.0f} ({np.mean(sps) / raw:.2f})")
+                  f"{np.mean(sps):.0f} ({np.mean(ratio):.2f})")
     plot(curves, labels, args.total_timesteps, env_id, os.path.join(args.out_dir, f"{tag}.png"))
     return rows
+
+
+def number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def plot(curves, algos, total, env_id, path):
