@@ -91,7 +91,8 @@ def main():
     inside = timed["calls"] / timed["seconds"]
     print(f"{cli.script} {cli.env_id}: raw env.step {raw:,.0f} steps/s before training, {after:,.0f} after "
           f"(one environment), {branches:,.0f} ({args.num_trunks * args.group_size} in turn); training "
-          f"{summary['SPS']:,.0f} SPS (N={args.num_trunks} x G={args.group_size} x H={args.segment_length}): ratio "
+          f"{summary['SPS']:,.0f} SPS (N={args.num_trunks} x G={args.group_size} x H={args.segment_length}"
+          f"{f' + L={args.lookahead}' if args.lookahead else ''}): ratio "
           f"{summary['SPS'] / ((raw + after) / 2):.2f} to one environment (mean of before and after), "
           f"{summary['SPS'] / branches:.2f} to the branches; the simulator stepped at {inside:,.0f} steps/s during "
           f"training: ratio {summary['SPS'] / inside:.2f} to that")

@@ -13,8 +13,9 @@ docs/results/{tag}_summary.csv (one row per algo and seed) and docs/results/{tag
 the algorithm's name, with the variant's name in brackets if any. Runs live in
 runs/benchmarks/{tag}/{algo}/{seed}; --reuse keeps the finished ones, so a suite accumulates
 across sessions, and a tag's CSVs keep the rows of runs that are not in runs/ any more (a fresh
-checkout): an invocation replaces only the rows of the runs it summarises. Raw `env.step` throughput, the physical limit of this design, is measured alone
-on one core before and after the runs (best of each three).
+checkout): an invocation replaces only the rows of the runs it summarises. Raw `env.step`
+throughput, the physical limit of this design, is measured alone on one core before and after
+the runs (best of each three).
 """
 import argparse
 import csv
@@ -188,10 +189,10 @@ def summarize(env_id: str, tag: str, labels: list, finished: list, raw: float, a
             if (r["algo"], int(r["seed"])) not in done]
     if kept:
         print("kept from the CSVs: " + ", ".join(f"{r['algo']} seed {r['seed']}" for r in kept), flush=True)
-        rows += [{k: (int(v) if k == "seed" else number(v)) for k, v in r.items()} for r in kept]
+        rows += [{k: number(v) for k, v in r.items()} for r in kept]
         keep = {(r["algo"], int(r["seed"])) for r in kept}
-        curves += [(a, int(sd), t, int(float(st)), float(v)) for a, sd, t, st, v in list(csv.reader(open(curves_csv)))[1:]
-                   if (a, int(sd)) in keep]
+        curves += [(a, int(sd), t, int(float(st)), float(v))
+                   for a, sd, t, st, v in list(csv.reader(open(curves_csv)))[1:] if (a, int(sd)) in keep]
         labels = labels + sorted({r["algo"] for r in kept} - set(labels))
         rows.sort(key=lambda r: (r["algo"], r["seed"]))
     with open(os.path.join(args.out_dir, f"{tag}_curves.csv"), "w", newline="") as f:

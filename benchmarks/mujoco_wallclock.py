@@ -1,9 +1,9 @@
 """Equal wall-clock against the peer: SB3 PPO (RL Zoo settings) runs its 1M steps on one core, then
 each family member runs on one core for exactly as many seconds (a SIGTERM at SB3's time: the
 scripts checkpoint and stop), with --cap as its --total-timesteps (where the learning rate anneals, it
-anneals over --cap; HalfCheetah's is constant unless --extra "--anneal-lr True"). The first member
-runs beside SB3 and is stopped when SB3 ends; the others run two at a time. So every run shares
-the two cores of this VM with one other single-thread run, as SB3 did.
+anneals over --cap; on HalfCheetah, Hopper and Walker2d it is constant unless --extra "--anneal-lr
+True"). The first member runs beside SB3 and is stopped when SB3 ends; the others run two at a
+time. So every run shares the two cores of this VM with one other single-thread run, as SB3 did.
 
     pip install -r requirements.txt -r benchmarks/requirements.txt
     python benchmarks/mujoco_wallclock.py --env-id HalfCheetah-v4 --seed 1 --cap 10000000

@@ -160,10 +160,11 @@ def test_env_defaults_fill_only_the_fields_left_unset():
     assert gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4", num_trunks=16)).num_minibatches == 16
     assert gb.with_env_defaults(gb.MujocoArgs(num_trunks=8, num_minibatches=2)).num_minibatches == 2
     assert gb.with_env_defaults(gb.MujocoArgs(env_id="HalfCheetah-v4", log_std_init=0.5)).log_std_init == 0.5
-    hopper = gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4"))
-    assert (hopper.num_minibatches, hopper.anneal_lr) == (4, True)
+    for env_id in ("Hopper-v4", "Walker2d-v4"):  # a constant rate, as on HalfCheetah
+        assert gb.with_env_defaults(gb.MujocoArgs(env_id=env_id)).anneal_lr is False
+    assert gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4")).num_minibatches == 4
     pendulum = gb.with_env_defaults(gb.MujocoArgs(env_id="InvertedPendulum-v4"))
-    assert (pendulum.segment_length, pendulum.lookahead, pendulum.log_std_init) == (16, 0, 0.0)
+    assert (pendulum.segment_length, pendulum.lookahead, pendulum.log_std_init, pendulum.anneal_lr) == (16, 0, 0.0, True)
     assert cheetah.lookahead == 0
 
 
