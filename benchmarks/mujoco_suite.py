@@ -184,7 +184,7 @@ def summarize(env_id: str, tag: str, labels: list, finished: list, raw: float, a
                      if "charts/label_agreement" in logged else ""})
     # runs/ does not outlive a checkout, the CSVs do: rows of runs not summarised now are kept
     rows_csv, curves_csv = (os.path.join(args.out_dir, f"{tag}_{kind}.csv") for kind in ("summary", "curves"))
-    done = {(r["algo"], r["seed"]) for r in rows}
+    done, fields = {(r["algo"], r["seed"]) for r in rows}, list(rows[0])  # an older CSV may lack a column
     kept = [r for r in (csv.DictReader(open(rows_csv)) if os.path.exists(rows_csv) else [])
             if (r["algo"], int(r["seed"])) not in done]
     if kept:
@@ -200,7 +200,7 @@ def summarize(env_id: str, tag: str, labels: list, finished: list, raw: float, a
         writer.writerow(["algo", "seed", "tag", "global_step", "value"])
         writer.writerows(curves)
     with open(os.path.join(args.out_dir, f"{tag}_summary.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in row.items()})
