@@ -476,9 +476,9 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
     G, H, L, B = args.group_size, args.segment_length, args.lookahead, len(trunk_states) * args.group_size
     branches.restore([trunk_states[i // G] for i in range(B)])
     obs, limit = np.repeat(trunk_obs, G, axis=0), np.repeat(np.minimum(steps_left, H + L), G)
-    raw_obs = np.zeros((B, H + L, obs.shape[1]))
-    actions = np.zeros((B, H + L, branches.action_space.shape[0]), dtype=np.float32)
-    logp, rewards, mask = np.zeros((B, H + L), np.float32), np.zeros((B, H + L)), np.zeros((B, H + L), np.float32)
+    raw_obs = np.zeros((B, H, obs.shape[1]))  # the loss's steps; the look-ahead keeps only rewards and mask
+    actions = np.zeros((B, H, branches.action_space.shape[0]), dtype=np.float32)
+    logp, rewards, mask = np.zeros((B, H), np.float32), np.zeros((B, H + L)), np.zeros((B, H + L), np.float32)
     terminated, low, high = np.zeros(B, dtype=bool), branches.action_space.low, branches.action_space.high
     trunk_next = None
     for t in range(H + L):
@@ -489,10 +489,11 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
             break
         dist = policy(torch.as_tensor(normalize(obs_rms, obs), device=device))
         action = dist.sample()  # log-probs of the unclipped sample; clipping lives in the env
-        mask[:, t] = active
-        raw_obs[active, t], actions[active, t] = obs[active], action.cpu().numpy()[active]
-        logp[active, t] = dist.log_prob(action).sum(-1).cpu().numpy()[active]
-        step_obs, step_rewards, step_terminated = branches.step(np.clip(actions[:, t], low, high), active)
+        mask[:, t], sampled = active, action.cpu().numpy()
+        if t < H:
+            raw_obs[active, t], actions[active, t] = obs[active], sampled[active]
+            logp[active, t] = dist.log_prob(action).sum(-1).cpu().numpy()[active]
+        step_obs, step_rewards, step_terminated = branches.step(np.clip(sampled, low, high), active)
         obs[active], rewards[active, t] = step_obs[active], step_rewards[active]
         terminated[active] = step_terminated[active]
     states, end_obs, ended = trunk_next or (branches.snapshot(list(range(B))), obs, terminated)
