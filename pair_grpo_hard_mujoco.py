@@ -138,7 +138,7 @@ class MujocoArgs:
 # robot can fall (Hopper, Walker2d), a 16-step branch scores like its siblings until it falls 30 steps
 # later, and whole episodes rank standing still for 1,000 steps above hopping and falling: there a
 # branch's score runs on past its learned steps to see the fall (Hopper: 128 learned + 384 look-ahead;
-# Walker2d: 64 + 192, where longer learned segments walked slower). The
+# Walker2d: 64 + 192, where 128 learned steps moved no member beyond the seeds' spread). The
 # cheetah turns over and learns to run on its back unless the noise is small and a segment long
 # enough to show what a tumble costs; there, 4 trunks (twice the updates per step) learn faster than 8.
 # On all three a constant learning rate beats one annealed to 0: the return still climbs at 1M steps.
