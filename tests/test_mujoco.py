@@ -1,6 +1,7 @@
 """`grpo_baseline_mujoco.py`: branched rollouts (spec section 6), masks, a smoke run, bad input."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -222,8 +223,6 @@ def test_bad_worker_count():
 
 @pytest.mark.parametrize("script", ["grpo_baseline_mujoco", "pair_grpo_soft_mujoco", "pair_grpo_hard_mujoco"])
 def test_capture_video_without_moviepy_fails_before_training(tmp_path, monkeypatch, script):
-    import sys
-
     module = __import__(script)
     monkeypatch.setitem(sys.modules, "moviepy", None)  # as on a machine without it: the import fails
     with pytest.raises(SystemExit, match="--capture-video: cannot record .*moviepy") as info:
@@ -258,7 +257,6 @@ def test_worker_branches_snapshot_the_asked_branches_in_order():
 
 def test_capture_video_records_the_final_episode_in_the_run_folder(tmp_path):
     import subprocess
-    import sys
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "grpo_baseline_mujoco.py")
     proc = subprocess.run([sys.executable, script, "--env-id", "InvertedPendulum-v4", "--total-timesteps", "512",
@@ -272,3 +270,18 @@ def test_capture_video_records_the_final_episode_in_the_run_folder(tmp_path):
     (run_name,) = os.listdir(tmp_path)
     videos = [f for f in os.listdir(tmp_path / run_name / "videos") if f.endswith(".mp4")]
     assert len(videos) == 1 and os.path.getsize(tmp_path / run_name / "videos" / videos[0]) > 1000  # a short episode
+
+
+def test_policy_return_benchmark_plays_the_mean_action_as_the_script_evaluates(tmp_path):
+    """`benchmarks/mujoco_policy_return.py` compares a run's training figure with its saved policy played
+    again; its mean-action episode must be the script's own evaluation episode for the same reset."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from mujoco_policy_return import play
+
+    torch.manual_seed(0)
+    policy, obs_rms = gb.GaussianPolicy(11, 3, -0.5), gb.RunningMeanStd(shape=(11,))
+    obs_rms.update(np.random.default_rng(0).normal(size=(100, 11)))
+    args = small_args(env_id="Hopper-v4")
+    ret, length = play(policy, obs_rms, "Hopper-v4", sampled=False, reset_seed=1000)
+    assert ret == pytest.approx(gb.evaluate_mujoco(policy, obs_rms, args, 1, 1000, "cpu")[0]) and 1 < length < 1000
+    assert play(policy, obs_rms, "Hopper-v4", sampled=True, reset_seed=1000)[0] != pytest.approx(ret)
