@@ -149,7 +149,7 @@ def test_smoke_run_logs_saves_and_reloads(tmp_path):
 
 
 def test_env_defaults_fill_only_the_fields_left_unset():
-    for env_id, H, L in (("Hopper-v4", 128, 384), ("Walker2d-v4", 64, 192)):  # H learned steps, scored L past them
+    for env_id, H, L in (("Hopper-v4", 128, 384), ("Walker2d-v4", 128, 192)):  # H learned steps, scored L past them
         falls = gb.with_env_defaults(gb.MujocoArgs(env_id=env_id))
         assert (falls.segment_length, falls.lookahead, falls.num_trunks, falls.log_std_init) == (H, L, 4, -0.5)
     assert gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v4", segment_length=1000, lookahead=0)).lookahead == 0
