@@ -21,17 +21,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grpo_baseline_mujoco import GaussianPolicy, normalize  # identical in the three MuJoCo scripts
 
 
+@torch.no_grad()
+def act(policy, obs_rms, env, obs: np.ndarray, generator) -> np.ndarray:
+    """The action training would take (a sample, drawn from `generator`), or the mean action (None)."""
+    dist = policy(torch.as_tensor(normalize(obs_rms, obs[None])))
+    noise = torch.randn(dist.mean.shape, generator=generator) if generator is not None else 0.0
+    return np.clip((dist.mean + dist.stddev * noise)[0].numpy(), env.action_space.low, env.action_space.high)
+
+
 def play(policy, obs_rms, sampled: bool, reset_seed: int) -> tuple:
     """One episode: (return, share of steps upright, mean forward velocity)."""
-    env, generator = gym.make("HalfCheetah-v4"), torch.Generator().manual_seed(reset_seed)
+    env, generator = gym.make("HalfCheetah-v4"), torch.Generator().manual_seed(reset_seed) if sampled else None
     obs, _ = env.reset(seed=reset_seed)
     ret, pitch, velocity, done = 0.0, [], [], False
     while not done:
-        with torch.no_grad():
-            dist = policy(torch.as_tensor(normalize(obs_rms, obs[None])))
-            noise = torch.randn(dist.mean.shape, generator=generator) if sampled else 0.0
-            action = (dist.mean + dist.stddev * noise)[0].numpy()
-        obs, reward, terminated, truncated, _ = env.step(np.clip(action, env.action_space.low, env.action_space.high))
+        obs, reward, terminated, truncated, _ = env.step(act(policy, obs_rms, env, obs, generator))
         ret, done = ret + reward, terminated or truncated
         pitch.append(obs[1])  # observation 1: the torso's pitch angle; 8: its forward velocity
         velocity.append(obs[8])

@@ -16,21 +16,18 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grpo_baseline_mujoco import GaussianPolicy, normalize  # identical in the three MuJoCo scripts
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
+from grpo_baseline_mujoco import GaussianPolicy  # identical in the three MuJoCo scripts
+from halfcheetah_gait import act  # the action as training takes it, or the mean
 
 
 def play(policy, obs_rms, env_id: str, sampled: bool, reset_seed: int) -> tuple:
     """One episode: (return, length)."""
-    env, generator = gym.make(env_id), torch.Generator().manual_seed(reset_seed)
+    env, generator = gym.make(env_id), torch.Generator().manual_seed(reset_seed) if sampled else None
     obs, _ = env.reset(seed=reset_seed)
     ret, length, done = 0.0, 0, False
     while not done:
-        with torch.no_grad():
-            dist = policy(torch.as_tensor(normalize(obs_rms, obs[None])))
-            noise = torch.randn(dist.mean.shape, generator=generator) if sampled else 0.0
-            action = (dist.mean + dist.stddev * noise)[0].numpy()
-        obs, reward, terminated, truncated, _ = env.step(np.clip(action, env.action_space.low, env.action_space.high))
+        obs, reward, terminated, truncated, _ = env.step(act(policy, obs_rms, env, obs, generator))
         ret, length, done = ret + reward, length + 1, terminated or truncated
     return ret, length
 
