@@ -1,8 +1,11 @@
 """Where the time beside the simulator goes: one optimizer step of a MuJoCo script, and the rollout's
-batched forwards, timed in isolation with the script's own policy and loss functions, one thread.
+batched forwards, timed in isolation with the script's own policy and clipped surrogate, one thread.
 
     python benchmarks/mujoco_update_cost.py                      # GRPO at HalfCheetah-v4's default shape
-    python benchmarks/mujoco_update_cost.py --rows 1024          # Hopper-v4's (G 8 x H 128 steps a minibatch)
+    python benchmarks/mujoco_update_cost.py --rows 1024 --obs-dim 11 --act-dim 3   # Hopper-v4's (G 8 x H 128)
+
+The clipped surrogate is GRPO's and Soft-Pair-GRPO's loss (`--script pair_grpo_soft_mujoco.py`);
+Hard-Pair-GRPO's pair-shift loss is not timed here.
 
 Prints microseconds per call of each part of an optimizer step on a minibatch of `--rows` steps
 (one group: G x H), and of the rollout's per-step forward with sampling on `--branches` rows.
@@ -27,7 +30,8 @@ def per_call_us(fn, calls: int) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--script", default="grpo_baseline_mujoco.py")
+    parser.add_argument("--script", default="grpo_baseline_mujoco.py",
+                        choices=["grpo_baseline_mujoco.py", "pair_grpo_soft_mujoco.py"])
     parser.add_argument("--obs-dim", type=int, default=17, help="HalfCheetah-v4: 17; Hopper-v4: 11")
     parser.add_argument("--act-dim", type=int, default=6, help="HalfCheetah-v4: 6; Hopper-v4: 3")
     parser.add_argument("--rows", type=int, default=512, help="steps per minibatch (G x H)")
