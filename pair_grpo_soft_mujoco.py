@@ -538,7 +538,7 @@ def train_mujoco(args: MujocoArgs) -> dict:
             "eval_returns": eval_returns, "nonfinite": nonfinite, "args": asdict(args),
             "teacher_rng": teacher_rng.get_state(), "queries": queries})
 
-    print(f"{run_name}: N={N} trunks x G={G} branches x H={H} steps per iteration on {device}"
+    print(f"{run_name}: N={N} trunks x G={G} branches x H={H} + L={args.lookahead} steps per iteration on {device}"
           + (f", resumed at step {global_step}" if args.resume else ""))
     while global_step < args.total_timesteps:
         iteration += 1
