@@ -1,7 +1,7 @@
 """The return of each saved MuJoCo policy with its own sampled actions, over fresh episodes.
 
 Asks whether a run's training-episode return (the last 10 training episodes, which span the last
-100k to 300k steps of a branched run) lags its final policy: each `model.pt` the suite saved is
+60k to 200k steps of a 1M-step run at the Hopper and Walker2d defaults) lags its final policy: each `model.pt` the suite saved is
 played for `--episodes` episodes from fresh resets, acting as in training (a sample of the policy's
 Gaussian, clipped to the action bounds), and once more with the mean action for comparison.
 
