@@ -272,10 +272,10 @@ def test_capture_video_records_the_final_episode_in_the_run_folder(tmp_path):
     assert len(videos) == 1 and os.path.getsize(tmp_path / run_name / "videos" / videos[0]) > 1000  # a short episode
 
 
-def test_policy_return_benchmark_plays_the_mean_action_as_the_script_evaluates(tmp_path):
+def test_policy_return_benchmark_plays_the_mean_action_as_the_script_evaluates(monkeypatch):
     """`benchmarks/mujoco_policy_return.py` compares a run's training figure with its saved policy played
     again; its mean-action episode must be the script's own evaluation episode for the same reset."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     from mujoco_policy_return import play
 
     torch.manual_seed(0)
