@@ -285,3 +285,30 @@ def test_policy_return_benchmark_plays_the_mean_action_as_the_script_evaluates(m
     ret, length = play(policy, obs_rms, "Hopper-v4", sampled=False, reset_seed=1000)
     assert ret == pytest.approx(gb.evaluate_mujoco(policy, obs_rms, args, 1, 1000, "cpu")[0]) and 1 < length < 1000
     assert play(policy, obs_rms, "Hopper-v4", sampled=True, reset_seed=1000)[0] != pytest.approx(ret)
+
+
+@pytest.mark.parametrize("env_id", ["Hopper-v4", "Walker2d-v4"])
+def test_random_search_changes_the_scripts_real_defaults_through_real_flags(monkeypatch, env_id):
+    """`benchmarks/mujoco_random_search.py` lists each knob's default first and draws changes from the
+    rest: the first value must be what the script runs with, and every drawn flag must parse and take effect."""
+    import tyro
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from mujoco_random_search import SPACE, draw, flags
+
+    defaults = gb.with_env_defaults(gb.MujocoArgs(env_id=env_id))
+    for knob, values in SPACE.items():
+        values = values[env_id] if isinstance(values, dict) else values
+        field = "clip_eps_low" if knob == "--clip" else knob[2:].replace("-", "_")
+        assert float(values[0]) == getattr(defaults, field), knob
+    rng, taken = np.random.default_rng(0), [{}]
+    for _ in range(20):
+        taken.append(draw(rng, env_id, 0.3, taken))
+    assert [draw(np.random.default_rng(0), env_id, 0.3, [{}])] == taken[1:2]  # the same search seed, the same draws
+    assert len({tuple(sorted(c.items())) for c in taken}) == len(taken)
+    for picked in taken[1:]:
+        changed = gb.with_env_defaults(tyro.cli(gb.MujocoArgs, args=["--env-id", env_id, *flags(picked)]))
+        differ = {k for k, v in vars(changed).items() if v != getattr(defaults, k)}
+        assert differ == {"clip_eps_low" if k == "--clip" else k[2:].replace("-", "_") for k in picked} | (
+            {"clip_eps_high"} if "--clip" in picked else set()) | (
+            {"num_minibatches"} if "--num-trunks" in picked else set())
