@@ -1,10 +1,10 @@
 """Random search around a MuJoCo script's defaults: many changes at once, where the suite's
 levers table changed one at a time (interactions), then more seeds for the best.
 
-Each configuration changes each knob of SPACE with probability --p-change (at least one knob)
-to one of its other values,
-drawn from a generator seeded by --search-seed, so a command names the same configurations
-everywhere. Configuration 0 is the defaults. A screen runs every configuration on --seeds; then
+Each configuration moves each knob of SPACE, with probability --p-change (at least one knob), to
+one of its other values, drawn from a generator seeded by --search-seed, so a command names the
+same configurations everywhere. SPACE lists Hopper-v4's and Walker2d-v4's defaults, so only those
+two environments are searched. Configuration 0 is the defaults. A screen runs every configuration on --seeds; then
 the --confirm-top configurations with the best screen mean, and the defaults, run --confirm-seeds.
 Runs start as cores free up (--jobs at a time, one torch thread each); at --deadline seconds the
 ones still running are stopped and left out. One CSV row per finished run, written as each ends.
@@ -14,6 +14,7 @@ ones still running are stopped and left out. One CSV row per finished run, writt
 """
 import argparse
 import csv
+import glob
 import os
 import subprocess
 import sys
@@ -61,7 +62,9 @@ def flags(picked: dict) -> list:
 
 def result(out: str) -> tuple:
     """(last 10 training-episode returns' mean, last 3 evaluations' mean) of a finished run."""
-    logged = tb_scalars(next(os.path.join(out, d) for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))))
+    runs = glob.glob(os.path.join(glob.escape(out), "*", "summary.json"))  # a rerun into the same folder adds one
+    newest = max(runs, key=os.path.getmtime)
+    logged = tb_scalars(os.path.dirname(newest))
     train, evals = logged.get("charts/episodic_return", []), logged.get("eval/episodic_return", [])
     return (np.mean([v for _, v in train[-10:]]) if train else float("nan"),
             np.mean([v for _, v in evals[-3:]]) if evals else float("nan"))
@@ -85,6 +88,8 @@ def main():
     args = parser.parse_args()
     if not 0 < args.p_change <= 1 or args.jobs < 1 or args.configs < 0:
         sys.exit("error: --p-change must lie in (0, 1], --jobs be at least 1 and --configs at least 0")
+    if args.env_id not in SPACE["--lookahead"]:
+        sys.exit(f"error: --env-id {args.env_id!r}: SPACE lists the defaults of {', '.join(SPACE['--lookahead'])} only")
     rng = np.random.default_rng(args.search_seed)
     configs = [{}]
     for _ in range(args.configs):
@@ -117,8 +122,8 @@ def main():
             log = open(os.path.join(out, "stdout.log"), "w")
             running.append((i, seed, phase, out, time.time(), subprocess.Popen(cmd, stdout=log, stderr=log, env=env)))
         if time.time() - start >= args.deadline:
-            for *_, out, _, proc in running:
-                proc.terminate()
+            for job in running:
+                job[-1].terminate()
             print(f"deadline: stopped {len(running)} runs, {len(pending)} not started", flush=True)
             break
         time.sleep(1)
@@ -126,6 +131,8 @@ def main():
             running.remove(job)
             i, seed, phase, out, began, proc = job
             if proc.returncode:
+                for other in running:
+                    other[-1].terminate()
                 sys.exit(f"error: config {i} seed {seed} failed; see {out}/stdout.log")
             train, evaluation = result(out)
             rows.append({"env_id": args.env_id, "algo": args.algo, "config": i, "phase": phase, "seed": seed,
