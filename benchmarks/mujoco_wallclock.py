@@ -12,7 +12,8 @@ time. So every run shares the two cores of this VM with one other single-thread 
 
 Runs live in runs/benchmarks/{tag}/{algo}/{seed} (--tag, default {env}_wallclock; a finished run holds
 wall_seconds.txt; --reuse keeps those). Writes docs/results/{tag}.csv: per run its seconds, the steps it
-reached, and its training-episode return (last 10 episodes) and eval return at the end.
+reached, and its training-episode return (last 10 episodes) and eval return at the end; an invocation
+replaces the rows of the runs it names and keeps the others (another seed's).
 """
 import argparse
 import csv
@@ -96,15 +97,18 @@ def main():
         logged = tb_scalars(os.path.dirname(max(glob.glob(os.path.join(glob.escape(out), "*", "events.out.*")),
                                                 key=os.path.getmtime)))
         train, evals = logged.get("charts/episodic_return", []), logged.get("eval/episodic_return", [])
-        rows.append({"algo": algo, "seed": args.seed, "wall_seconds": open(os.path.join(out, "wall_seconds.txt")).read()
+        seed = os.path.basename(os.path.normpath(out)) if algo == "sb3_ppo" else args.seed  # --sb3-run: its own
+        rows.append({"algo": algo, "seed": seed, "wall_seconds": open(os.path.join(out, "wall_seconds.txt")).read()
                      .strip(), "steps": max(s for s, _ in logged["charts/SPS"]),
                      "train_return": round(float(np.mean([v for _, v in train[-10:]])), 1),
                      "eval_return": round(float(evals[-1][1]), 1) if evals else ""})
     path = os.path.join(args.out_dir, f"{tag}.csv")
+    mine = {(r["algo"], str(r["seed"])) for r in rows}  # other seeds' rows stay
+    kept = [r for r in csv.DictReader(open(path))] if os.path.exists(path) else []
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([r for r in kept if (r["algo"], r["seed"]) not in mine] + rows)
     print("algo | seconds | steps | training-episode return (last 10) | last eval return")
     for r in rows:
         print(f"{r['algo']} | {r['wall_seconds']} | {r['steps']:,} | {r['train_return']:,.0f} | {r['eval_return']}")
