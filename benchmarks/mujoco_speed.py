@@ -11,7 +11,9 @@ unsure); and of N*G unwrapped environments stepped in turn (the branches: this d
 limit). Training: the script's own `charts/SPS` (training time only, evaluation excluded) over
 `--total-timesteps`; and, immune to the drift, that SPS against the rate the simulator itself
 stepped at during that training (every `step` call timed; its final evaluation's 1,000 steps
-included). `--profile` prints where one run's time goes.
+included). `--profile` prints where one run's time goes; `--blocks` times the
+iteration's parts (the rollout and its simulator steps, the policy's forwards, backward, clipping,
+optimizer steps) in milliseconds per iteration.
 """
 import argparse
 import cProfile
@@ -53,6 +55,8 @@ def main():
     parser.add_argument("--env-id", default="HalfCheetah-v4")
     parser.add_argument("--total-timesteps", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--blocks", action="store_true", help="also time the rollout, forwards, backward, clipping "
+                        "and optimizer steps (ms per iteration; the timers add about 1 ms)")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="other Args fields, e.g. num_minibatches=2 (the shape N x G x H stays the default's)")
     cli = parser.parse_args()
@@ -69,16 +73,25 @@ def main():
     raw, branches = (raw_steps_per_second(module, cli.env_id, n) for n in (1, args.num_trunks * args.group_size))
     # Drift-proof: time every simulator step inside the training run too (the bare simulator, no
     # wrappers): what a step costs there, measured at the same moments as the training SPS
-    simulator, timed = type(module.make_mujoco_env(cli.env_id).unwrapped), {"seconds": 0.0, "calls": 0}
-    step = simulator.step
+    simulator, timed = type(module.make_mujoco_env(cli.env_id).unwrapped), {}
+    blocks = {"simulator": (simulator, "step")}
+    if cli.blocks:  # where an iteration goes; the policy's forwards run in the rollout and in the update
+        blocks.update(rollout=(module, "branched_rollout"), forwards=(module.GaussianPolicy, "forward"),
+                      backward=(torch.Tensor, "backward"), clipping=(torch.nn.utils, "clip_grad_norm_"),
+                      optimizer=(torch.optim.Adam, "step"))
+    originals = {key: getattr(owner, name) for key, (owner, name) in blocks.items()}
 
-    def timed_step(self, action):
-        start = time.perf_counter()
-        result = step(self, action)
-        timed["seconds"], timed["calls"] = timed["seconds"] + time.perf_counter() - start, timed["calls"] + 1
-        return result
+    def timer(key):
+        def timed_call(*a, **k):
+            start = time.perf_counter()
+            result = originals[key](*a, **k)
+            seconds, calls = timed.get(key, (0.0, 0))
+            timed[key] = seconds + time.perf_counter() - start, calls + 1
+            return result
+        return timed_call
 
-    simulator.step = timed_step
+    for key, (owner, name) in blocks.items():
+        setattr(owner, name, timer(key))
     profiler = cProfile.Profile() if cli.profile else None
     if profiler:
         profiler.enable()
@@ -86,9 +99,10 @@ def main():
     if profiler:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    simulator.step = step
+    for key, (owner, name) in blocks.items():
+        setattr(owner, name, originals[key])
     after = raw_steps_per_second(module, cli.env_id)  # this machine's speed drifts: bracket the training run
-    inside = timed["calls"] / timed["seconds"]
+    inside = timed["simulator"][1] / timed["simulator"][0]
     print(f"{cli.script} {cli.env_id}: raw env.step {raw:,.0f} steps/s before training, {after:,.0f} after "
           f"(one environment), {branches:,.0f} ({args.num_trunks * args.group_size} in turn); training "
           f"{summary['SPS']:,.0f} SPS (N={args.num_trunks} x G={args.group_size} x H={args.segment_length}"
@@ -96,6 +110,11 @@ def main():
           f"{summary['SPS'] / ((raw + after) / 2):.2f} to one environment (mean of before and after), "
           f"{summary['SPS'] / branches:.2f} to the branches; the simulator stepped at {inside:,.0f} steps/s during "
           f"training: ratio {summary['SPS'] / inside:.2f} to that")
+    if cli.blocks:
+        per_iteration = 1000 / summary["iterations"]
+        print(f"ms per iteration: training {summary['train_seconds'] * per_iteration:.1f}; " + ", ".join(
+            f"{key} {timed[key][0] * per_iteration:.1f} ({timed[key][1] / summary['iterations']:.0f} calls)"
+            for key in blocks))
 
 
 if __name__ == "__main__":
