@@ -13,7 +13,9 @@ limit). Training: the script's own `charts/SPS` (training time only, evaluation 
 stepped at during that training (every `step` call timed; its final evaluation's 1,000 steps
 included). `--profile` prints where one run's time goes; `--blocks` times the
 iteration's parts (the rollout and its simulator steps, the policy's forwards, backward, clipping,
-optimizer steps) in milliseconds per iteration.
+optimizer steps) in milliseconds per iteration; `--interleave K` also times raw `env.step` inside the
+run, 2,000 steps before every K-th iteration (left out of the training time), so both rates meet
+the same slow spells of a drifting machine.
 """
 import argparse
 import cProfile
@@ -55,11 +57,14 @@ def main():
     parser.add_argument("--env-id", default="HalfCheetah-v4")
     parser.add_argument("--total-timesteps", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--interleave", type=int, default=0, metavar="K",
+                        help="also time 2,000 raw env.step calls before every K-th iteration, inside the run")
     parser.add_argument("--blocks", action="store_true", help="also time the rollout, forwards, backward, clipping "
                         "and optimizer steps (ms per iteration; the timers add about 1 ms)")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="other Args fields, e.g. num_minibatches=2 (the shape N x G x H stays the default's)")
     cli = parser.parse_args()
+    import numpy as np
     import torch
 
     torch.set_num_threads(1)
@@ -92,6 +97,23 @@ def main():
 
     for key, (owner, name) in blocks.items():
         setattr(owner, name, timer(key))
+    # Raw env.step timed inside the run as well, before every K-th rollout, so the VM's slow spells
+    # slow both rates alike; its seconds leave the training time, its steps leave the simulator's
+    raw_env, rollout, interleaved = module.make_mujoco_env(cli.env_id), module.branched_rollout, [0, 0, 0.0]
+    raw_env.reset(seed=0)
+
+    def interleaved_rollout(*a, **k):
+        interleaved[0] += 1
+        if cli.interleave and (interleaved[0] - 1) % cli.interleave == 0:
+            kept, start = timed.get("simulator", (0.0, 0)), time.perf_counter()
+            for action in np.random.default_rng(interleaved[0]).uniform(-1, 1, (2000, raw_env.action_space.shape[0])):
+                if any(raw_env.step(action)[2:4]):
+                    raw_env.reset()
+            interleaved[1:] = interleaved[1] + 2000, interleaved[2] + time.perf_counter() - start
+            timed["simulator"] = kept
+        return rollout(*a, **k)
+
+    module.branched_rollout = interleaved_rollout
     profiler = cProfile.Profile() if cli.profile else None
     if profiler:
         profiler.enable()
@@ -99,6 +121,7 @@ def main():
     if profiler:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    module.branched_rollout = rollout
     for key, (owner, name) in blocks.items():
         setattr(owner, name, originals[key])
     after = raw_steps_per_second(module, cli.env_id)  # this machine's speed drifts: bracket the training run
@@ -110,6 +133,11 @@ def main():
           f"{summary['SPS'] / ((raw + after) / 2):.2f} to one environment (mean of before and after), "
           f"{summary['SPS'] / branches:.2f} to the branches; the simulator stepped at {inside:,.0f} steps/s during "
           f"training: ratio {summary['SPS'] / inside:.2f} to that")
+    if cli.interleave:
+        sps = summary["global_step"] / (summary["train_seconds"] - interleaved[2])  # the script's SPS holds them
+        rate = interleaved[1] / interleaved[2]
+        print(f"interleaved: raw env.step {rate:,.0f} steps/s ({interleaved[1] // 2000} timings of 2,000 steps, one "
+              f"every {cli.interleave} iterations); training without them {sps:,.0f} SPS: ratio {sps / rate:.2f}")
     if cli.blocks:
         per_iteration = 1000 / summary["iterations"]
         print(f"ms per iteration: training {summary['train_seconds'] * per_iteration:.1f}; " + ", ".join(
