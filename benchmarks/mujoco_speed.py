@@ -14,8 +14,8 @@ stepped at during that training (every `step` call timed; its final evaluation's
 included). `--profile` prints where one run's time goes; `--blocks` times the
 iteration's parts (the rollout and its simulator steps, the policy's forwards, backward, clipping,
 optimizer steps) in milliseconds per iteration; `--interleave K` also times raw `env.step` inside the
-run, 2,000 steps before every K-th iteration (left out of the training time), so both rates meet
-the same slow spells of a drifting machine.
+run, 2,000 steps before every K-th iteration (left out of its training SPS, not of the script's or
+the blocks' training time), so both rates meet the same slow spells of a drifting machine.
 """
 import argparse
 import cProfile
@@ -99,17 +99,19 @@ def main():
         setattr(owner, name, timer(key))
     # Raw env.step timed inside the run as well, before every K-th rollout, so the VM's slow spells
     # slow both rates alike; its seconds leave the training time, its steps leave the simulator's
-    raw_env, rollout, interleaved = module.make_mujoco_env(cli.env_id), module.branched_rollout, [0, 0, 0.0]
+    raw_env, rollout, interleaved = module.make_mujoco_env(cli.env_id), module.branched_rollout, {}
     raw_env.reset(seed=0)
 
     def interleaved_rollout(*a, **k):
-        interleaved[0] += 1
-        if cli.interleave and (interleaved[0] - 1) % cli.interleave == 0:
+        interleaved["calls"] = interleaved.get("calls", 0) + 1
+        if cli.interleave and (interleaved["calls"] - 1) % cli.interleave == 0:
             kept, start = timed.get("simulator", (0.0, 0)), time.perf_counter()
-            for action in np.random.default_rng(interleaved[0]).uniform(-1, 1, (2000, raw_env.action_space.shape[0])):
+            actions = np.random.default_rng(interleaved["calls"]).uniform(-1, 1, (2000, raw_env.action_space.shape[0]))
+            for action in actions:
                 if any(raw_env.step(action)[2:4]):
                     raw_env.reset()
-            interleaved[1:] = interleaved[1] + 2000, interleaved[2] + time.perf_counter() - start
+            interleaved["steps"] = interleaved.get("steps", 0) + 2000
+            interleaved["seconds"] = interleaved.get("seconds", 0.0) + time.perf_counter() - start
             timed["simulator"] = kept
         return rollout(*a, **k)
 
@@ -134,10 +136,12 @@ def main():
           f"{summary['SPS'] / branches:.2f} to the branches; the simulator stepped at {inside:,.0f} steps/s during "
           f"training: ratio {summary['SPS'] / inside:.2f} to that")
     if cli.interleave:
-        sps = summary["global_step"] / (summary["train_seconds"] - interleaved[2])  # the script's SPS holds them
-        rate = interleaved[1] / interleaved[2]
-        print(f"interleaved: raw env.step {rate:,.0f} steps/s ({interleaved[1] // 2000} timings of 2,000 steps, one "
-              f"every {cli.interleave} iterations); training without them {sps:,.0f} SPS: ratio {sps / rate:.2f}")
+        # the script's own SPS counts the interleaved seconds as training time: leave them out here
+        sps = summary["global_step"] / (summary["train_seconds"] - interleaved["seconds"])
+        rate = interleaved["steps"] / interleaved["seconds"]
+        print(f"interleaved: raw env.step {rate:,.0f} steps/s ({interleaved['steps'] // 2000} timings of 2,000 "
+              f"steps, one every {cli.interleave} iterations); training without them {sps:,.0f} SPS: ratio "
+              f"{sps / rate:.2f}")
     if cli.blocks:
         per_iteration = 1000 / summary["iterations"]
         print(f"ms per iteration: training {summary['train_seconds'] * per_iteration:.1f}; " + ", ".join(
