@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT]
 
 
-def raw_steps_per_second(module, env_id: str, num_envs: int = 1, steps: int = 5000) -> float:
+def raw_steps_per_second(module, env_id: str, num_envs: int = 1, steps: int = 5000, repeats: int = 3) -> float:
     import numpy as np
 
     envs = [module.make_mujoco_env(env_id) if num_envs == 1 else module.make_mujoco_env(env_id).unwrapped
@@ -40,7 +40,7 @@ def raw_steps_per_second(module, env_id: str, num_envs: int = 1, steps: int = 50
         env.reset(seed=i)
     actions = np.random.default_rng(0).uniform(-1, 1, (steps, envs[0].action_space.shape[0]))
     best = 0.0
-    for _ in range(3):
+    for _ in range(repeats):
         start = time.perf_counter()
         for t, a in enumerate(actions):
             env = envs[t % num_envs]
@@ -64,7 +64,6 @@ def main():
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="other Args fields, e.g. num_minibatches=2 (the shape N x G x H stays the default's)")
     cli = parser.parse_args()
-    import numpy as np
     import torch
 
     torch.set_num_threads(1)
@@ -98,20 +97,16 @@ def main():
     for key, (owner, name) in blocks.items():
         setattr(owner, name, timer(key))
     # Raw env.step timed inside the run as well, before every K-th rollout, so the VM's slow spells
-    # slow both rates alike; its seconds leave the training time, its steps leave the simulator's
-    raw_env, rollout, interleaved = module.make_mujoco_env(cli.env_id), module.branched_rollout, {}
-    raw_env.reset(seed=0)
+    # slow both rates alike; the time it takes leaves the training time, its steps the simulator's
+    rollout, interleaved = module.branched_rollout, {"calls": 0, "steps": 0, "seconds": 0.0, "spent": 0.0}
 
     def interleaved_rollout(*a, **k):
-        interleaved["calls"] = interleaved.get("calls", 0) + 1
+        interleaved["calls"] += 1
         if cli.interleave and (interleaved["calls"] - 1) % cli.interleave == 0:
             kept, start = timed.get("simulator", (0.0, 0)), time.perf_counter()
-            actions = np.random.default_rng(interleaved["calls"]).uniform(-1, 1, (2000, raw_env.action_space.shape[0]))
-            for action in actions:
-                if any(raw_env.step(action)[2:4]):
-                    raw_env.reset()
-            interleaved["steps"] = interleaved.get("steps", 0) + 2000
-            interleaved["seconds"] = interleaved.get("seconds", 0.0) + time.perf_counter() - start
+            interleaved["seconds"] += 2000 / raw_steps_per_second(module, cli.env_id, steps=2000, repeats=1)
+            interleaved["steps"] += 2000
+            interleaved["spent"] += time.perf_counter() - start  # with making the environment
             timed["simulator"] = kept
         return rollout(*a, **k)
 
@@ -137,7 +132,7 @@ def main():
           f"training: ratio {summary['SPS'] / inside:.2f} to that")
     if cli.interleave:
         # the script's own SPS counts the interleaved seconds as training time: leave them out here
-        sps = summary["global_step"] / (summary["train_seconds"] - interleaved["seconds"])
+        sps = summary["global_step"] / (summary["train_seconds"] - interleaved["spent"])
         rate = interleaved["steps"] / interleaved["seconds"]
         print(f"interleaved: raw env.step {rate:,.0f} steps/s ({interleaved['steps'] // 2000} timings of 2,000 "
               f"steps, one every {cli.interleave} iterations); training without them {sps:,.0f} SPS: ratio "
