@@ -16,6 +16,10 @@ iteration's parts (the rollout and its simulator steps, the policy's forwards, b
 optimizer steps) in milliseconds per iteration; `--interleave K` also times raw `env.step` inside the
 run, 2,000 steps before every K-th iteration (left out of its training SPS, not of the script's or
 the blocks' training time), so both rates meet the same slow spells of a drifting machine.
+`--replay` records every 10th iteration's branches (the states restored into them and the
+actions they step) and, after training, steps the same actions from the same states in one bare
+simulator, timing only `step`: raw `env.step` on the training's own trajectories, whose physics
+(contacts, how hard the solver works) can cost more or less than under random actions.
 """
 import argparse
 import cProfile
@@ -61,9 +65,12 @@ def main():
                         help="also time 2,000 raw env.step calls before every K-th iteration, inside the run")
     parser.add_argument("--blocks", action="store_true", help="also time the rollout, forwards, backward, clipping "
                         "and optimizer steps (ms per iteration; the timers add about 1 ms)")
+    parser.add_argument("--replay", action="store_true", help="also time raw env.step on the training's own "
+                        "trajectories: every 10th iteration's branch steps, replayed in one simulator after training")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="other Args fields, e.g. num_minibatches=2 (the shape N x G x H stays the default's)")
     cli = parser.parse_args()
+    import numpy as np
     import torch
 
     torch.set_num_threads(1)
@@ -96,12 +103,29 @@ def main():
 
     for key, (owner, name) in blocks.items():
         setattr(owner, name, timer(key))
+    # --replay: outside the timer, so recording adds to the training time, not to the simulator's
+    recorded, restore, timed_step = {"on": False, "segments": [], "open": {}}, module.restore, simulator.step
+
+    def recording_restore(env, state):
+        restore(env, state)
+        if recorded["on"]:  # a new segment: this branch steps from here until its next restore
+            recorded["segments"].append((state.copy(), []))
+            recorded["open"][id(env)] = recorded["segments"][-1][1]
+
+    def recording_step(env, action):
+        if recorded["on"] and id(env) in recorded["open"]:  # the branches only, not the evaluation's
+            recorded["open"][id(env)].append(np.array(action))
+        return timed_step(env, action)
+
+    if cli.replay:
+        module.restore, simulator.step = recording_restore, recording_step
     # Raw env.step timed inside the run as well, before every K-th rollout, so the VM's slow spells
     # slow both rates alike; the time it takes leaves the training time, its steps the simulator's
     rollout, interleaved = module.branched_rollout, {"calls": 0, "steps": 0, "seconds": 0.0, "spent": 0.0}
 
     def interleaved_rollout(*a, **k):
         interleaved["calls"] += 1
+        recorded["on"], recorded["open"] = cli.replay and interleaved["calls"] % 10 == 0, {}
         if cli.interleave and (interleaved["calls"] - 1) % cli.interleave == 0:
             kept, start = timed.get("simulator", (0.0, 0)), time.perf_counter()
             interleaved["seconds"] += 2000 / raw_steps_per_second(module, cli.env_id, steps=2000, repeats=1)
@@ -118,9 +142,17 @@ def main():
     if profiler:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    module.branched_rollout = rollout
+    module.branched_rollout, module.restore = rollout, restore
     for key, (owner, name) in blocks.items():
         setattr(owner, name, originals[key])
+    replayed = [0, 0.0]  # steps, seconds: the recorded branch segments stepped again in one simulator
+    env = module.make_mujoco_env(cli.env_id).unwrapped if cli.replay else None
+    for state, actions in recorded["segments"]:
+        restore(env, state)
+        start = time.perf_counter()
+        for action in actions:
+            env.step(action)
+        replayed[:] = replayed[0] + len(actions), replayed[1] + time.perf_counter() - start
     after = raw_steps_per_second(module, cli.env_id)  # this machine's speed drifts: bracket the training run
     inside = timed["simulator"][1] / timed["simulator"][0]
     print(f"{cli.script} {cli.env_id}: raw env.step {raw:,.0f} steps/s before training, {after:,.0f} after "
@@ -130,13 +162,19 @@ def main():
           f"{summary['SPS'] / ((raw + after) / 2):.2f} to one environment (mean of before and after), "
           f"{summary['SPS'] / branches:.2f} to the branches; the simulator stepped at {inside:,.0f} steps/s during "
           f"training: ratio {summary['SPS'] / inside:.2f} to that")
+    # the script's own SPS counts the interleaved seconds as training time: leave them out here
+    sps = summary["global_step"] / (summary["train_seconds"] - interleaved["spent"]) if cli.interleave else summary["SPS"]
     if cli.interleave:
-        # the script's own SPS counts the interleaved seconds as training time: leave them out here
-        sps = summary["global_step"] / (summary["train_seconds"] - interleaved["spent"])
         rate = interleaved["steps"] / interleaved["seconds"]
         print(f"interleaved: raw env.step {rate:,.0f} steps/s ({interleaved['steps'] // 2000} timings of 2,000 "
               f"steps, one every {cli.interleave} iterations); training without them {sps:,.0f} SPS: ratio "
               f"{sps / rate:.2f}")
+    if cli.replay:
+        rate = replayed[0] / replayed[1]
+        print(f"replayed: raw env.step on the training's own trajectories {rate:,.0f} steps/s ({replayed[0]:,} "
+              f"steps of every 10th iteration's branches, in one simulator); training {sps:,.0f} SPS (without "
+              f"interleaved timings): ratio {sps / rate:.2f}; the simulator inside training ran at {inside / rate:.2f} "
+              "of that")
     if cli.blocks:
         per_iteration = 1000 / summary["iterations"]
         print(f"ms per iteration: training {summary['train_seconds'] * per_iteration:.1f}; " + ", ".join(
