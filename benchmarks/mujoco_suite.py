@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -243,7 +244,9 @@ def plot(curves, algos, total, env_id, path):
                     steps, values = zip(*pts)
                     per_seed.append(np.interp(grid, steps, values, left=np.nan, right=values[-1]))
             if per_seed:
-                mean, std = np.nanmean(per_seed, 0), np.nanstd(per_seed, 0)
+                with warnings.catch_warnings():  # grid points before every seed's first episode stay NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean, std = np.nanmean(per_seed, 0), np.nanstd(per_seed, 0)
                 ax.plot(grid, mean, label=f"{algo} ({len(per_seed)} seeds)")
                 ax.fill_between(grid, mean - std, mean + std, alpha=0.2)
         if ANCHORS.get(env_id):
