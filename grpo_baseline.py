@@ -246,12 +246,14 @@ def validate_lm_args(args: LMArgs):
              for k in at_least_one]
           + [(args.checkpoint_every >= 0, f"--checkpoint-every must be 0 (off) or positive "
               f"(got {args.checkpoint_every})"),
+             (args.learning_rate > 0 and args.max_grad_norm > 0, f"--learning-rate and --max-grad-norm must be "
+              f"positive (got {args.learning_rate}, {args.max_grad_norm})"),
              (args.torch_threads >= 0, f"--torch-threads must be 0 (torch's default) or positive "
               f"(got {args.torch_threads})"),
              (args.prompts_per_step % args.num_minibatches == 0, f"--num-minibatches {args.num_minibatches} must "
               f"divide --prompts-per-step {args.prompts_per_step} (minibatches hold whole groups)"),
              (args.temperature > 0, f"--temperature must be positive (got {args.temperature})"),
-             (min(args.clip_eps_low, args.clip_eps_high, args.beta) >= 0 and args.clip_eps_low < 1,
+             (all(x >= 0 for x in (args.clip_eps_low, args.clip_eps_high, args.beta)) and args.clip_eps_low < 1,
               "--clip-eps-low must lie in [0, 1), --clip-eps-high and --beta must be non-negative")]
           + [(value in special or exists_if_local(value), f"--{flag.replace('_', '-')} {value!r}: no such file or "
               "directory") for flag, special in [("model_name_or_path", ["tiny"]),

@@ -322,6 +322,9 @@ def validate_mujoco_args(args: MujocoArgs):
              for k in at_least_one]
           + [(args.checkpoint_every >= 0, f"--checkpoint-every must be 0 (off) or positive "
               f"(got {args.checkpoint_every})"),
+             (args.learning_rate > 0 and args.max_grad_norm > 0, f"--learning-rate and --max-grad-norm must be "
+              f"positive (got {args.learning_rate}, {args.max_grad_norm})"),
+             (bool(np.isfinite(args.log_std_init)), f"--log-std-init must be finite (got {args.log_std_init})"),
              (args.lookahead >= 0, f"--lookahead must be 0 (off) or positive (got {args.lookahead})"),
              (0 <= args.num_workers <= args.num_trunks * args.group_size, f"--num-workers must lie in [0, N*G = "
               f"{args.num_trunks * args.group_size}] (got {args.num_workers})"),
@@ -332,12 +335,12 @@ def validate_mujoco_args(args: MujocoArgs):
               "--teacher-tie-margin non-negative, --teacher-gamma in (0, 1]"),
              (args.update_epochs * args.num_minibatches >= 2, "--update-epochs x --num-minibatches must be at least 2: "
               "at theta_old the fit and the trust region have no gradient"),
-             (args.eps_q > 0 and args.eps_pi > 0 and min(args.alpha_init, args.lr_alpha, args.beta) >= 0,
+             (args.eps_q > 0 and args.eps_pi > 0 and all(x >= 0 for x in (args.alpha_init, args.lr_alpha, args.beta)),
               "--eps-q and --eps-pi must be positive; --alpha-init, --lr-alpha and --beta non-negative"),
              (args.target != "pair-shift" or 0 < args.delta0 < 1 / args.group_size, f"--delta0 must lie in (0, 1/G) = "
               f"(0, {1 / args.group_size:.4g}) for --group-size {args.group_size} (got {args.delta0}): the target "
               "1/G + delta_t A_i must stay positive"),
-             (0 < args.delta_decay <= 1 and min(args.alpha, args.trust_region_kl) >= 0,
+             (0 < args.delta_decay <= 1 and all(x >= 0 for x in (args.alpha, args.trust_region_kl)),
               "--delta-decay must lie in (0, 1]; --alpha and --trust-region-kl must be non-negative")])
 
 # ----------------------------------------------------------------------------- policy

@@ -152,6 +152,19 @@ def test_group_size_below_two(tmp_path):
     expect_error("--group-size", group_size=1, output_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
+@pytest.mark.parametrize("flag, overrides", [
+    ("--learning-rate", dict(learning_rate=0.0)), ("--max-grad-norm", dict(max_grad_norm=float("nan"))),
+    ("--beta", dict(beta=float("nan")))])
+def test_bad_optimisation_settings_fail_in_one_line(tmp_path, script, flag, overrides):
+    """Not a traceback from the optimizer, nor a run that silently never learns or drops its KL term."""
+    module = __import__(script)
+    with pytest.raises(SystemExit) as info:
+        module.train_lm(module.LMArgs(output_dir=str(tmp_path), **overrides))
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message and flag in message, message
+
+
 def test_dataset_without_expected_column(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"text": "hello"}) + "\n" + json.dumps({"text": "bye"}) + "\n")

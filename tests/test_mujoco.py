@@ -201,6 +201,21 @@ def test_bad_mujoco_input(tmp_path):
     expect_error("--env-id 'NoSuchEnv-v0'", env_id="NoSuchEnv-v0", output_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize("script", ["grpo_baseline_mujoco", "pair_grpo_soft_mujoco", "pair_grpo_hard_mujoco"])
+@pytest.mark.parametrize("flag, overrides", [
+    ("--learning-rate", dict(learning_rate=-1e-3)), ("--learning-rate", dict(learning_rate=float("nan"))),
+    ("--max-grad-norm", dict(max_grad_norm=0.0)), ("--log-std-init", dict(log_std_init=float("inf"))),
+    ("--beta", dict(beta=float("nan")))])
+def test_bad_optimisation_settings_fail_in_one_line(tmp_path, script, flag, overrides):
+    """Not a traceback from Adam, nor a run that silently never learns or drops its KL term."""
+    module = __import__(script)
+    with pytest.raises(SystemExit) as info:
+        module.train_mujoco(module.MujocoArgs(output_dir=str(tmp_path), total_timesteps=1024, **overrides))
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message and flag in message, message
+    assert not os.listdir(tmp_path)  # failed before a run folder was made
+
+
 @pytest.mark.parametrize("env_id", ["HalfCheetah-v4", "Hopper-v4"])
 def test_worker_processes_step_the_same_branches(tmp_path, env_id):
     from test_lm_runs import scalars
