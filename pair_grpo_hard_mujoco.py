@@ -319,29 +319,29 @@ def validate_mujoco_args(args: MujocoArgs):
     check([(args.group_size >= 2, f"--group-size must be at least 2 (got {args.group_size}): "
              "a group of one has no comparison")]
           + [(getattr(args, k) >= 1, f"--{k.replace('_', '-')} must be at least 1 (got {getattr(args, k)})")
-             for k in at_least_one]
-          + [(args.checkpoint_every >= 0, f"--checkpoint-every must be 0 (off) or positive "
-              f"(got {args.checkpoint_every})"),
-             (args.learning_rate > 0 and args.max_grad_norm > 0, f"--learning-rate and --max-grad-norm must be "
-              f"positive (got {args.learning_rate}, {args.max_grad_norm})"),
-             (bool(np.isfinite(args.log_std_init)), f"--log-std-init must be finite (got {args.log_std_init})"),
-             (args.lookahead >= 0, f"--lookahead must be 0 (off) or positive (got {args.lookahead})"),
-             (0 <= args.num_workers <= args.num_trunks * args.group_size, f"--num-workers must lie in [0, N*G = "
-              f"{args.num_trunks * args.group_size}] (got {args.num_workers})"),
-             (args.num_trunks % args.num_minibatches == 0, f"--num-minibatches {args.num_minibatches} must divide "
-              f"--num-trunks {args.num_trunks} (minibatches hold whole groups)"),
-             (args.teacher_tau > 0 and 0 <= args.teacher_flip_prob <= 1 and args.teacher_tie_margin >= 0
-              and 0 < args.teacher_gamma <= 1, "--teacher-tau must be positive, --teacher-flip-prob in [0, 1], "
-              "--teacher-tie-margin non-negative, --teacher-gamma in (0, 1]"),
-             (args.update_epochs * args.num_minibatches >= 2, "--update-epochs x --num-minibatches must be at least 2: "
-              "at theta_old the fit and the trust region have no gradient"),
-             (args.eps_q > 0 and args.eps_pi > 0 and all(x >= 0 for x in (args.alpha_init, args.lr_alpha, args.beta)),
-              "--eps-q and --eps-pi must be positive; --alpha-init, --lr-alpha and --beta non-negative"),
-             (args.target != "pair-shift" or 0 < args.delta0 < 1 / args.group_size, f"--delta0 must lie in (0, 1/G) = "
-              f"(0, {1 / args.group_size:.4g}) for --group-size {args.group_size} (got {args.delta0}): the target "
-              "1/G + delta_t A_i must stay positive"),
-             (0 < args.delta_decay <= 1 and all(x >= 0 for x in (args.alpha, args.trust_region_kl)),
-              "--delta-decay must lie in (0, 1]; --alpha and --trust-region-kl must be non-negative")])
+             for k in at_least_one])
+    check([(args.checkpoint_every >= 0, f"--checkpoint-every must be 0 (off) or positive "
+            f"(got {args.checkpoint_every})"),
+           (args.learning_rate > 0 and args.max_grad_norm > 0, f"--learning-rate and --max-grad-norm must be "
+            f"positive (got {args.learning_rate}, {args.max_grad_norm})"),
+           (bool(np.isfinite(args.log_std_init)), f"--log-std-init must be finite (got {args.log_std_init})"),
+           (args.lookahead >= 0, f"--lookahead must be 0 (off) or positive (got {args.lookahead})"),
+           (0 <= args.num_workers <= args.num_trunks * args.group_size, f"--num-workers must lie in [0, N*G = "
+            f"{args.num_trunks * args.group_size}] (got {args.num_workers})"),
+           (args.num_trunks % args.num_minibatches == 0, f"--num-minibatches {args.num_minibatches} must divide "
+            f"--num-trunks {args.num_trunks} (minibatches hold whole groups)"),
+           (args.teacher_tau > 0 and 0 <= args.teacher_flip_prob <= 1 and args.teacher_tie_margin >= 0
+            and 0 < args.teacher_gamma <= 1, "--teacher-tau must be positive, --teacher-flip-prob in [0, 1], "
+            "--teacher-tie-margin non-negative, --teacher-gamma in (0, 1]"),
+           (args.update_epochs * args.num_minibatches >= 2, "--update-epochs x --num-minibatches must be at least 2: "
+            "at theta_old the fit and the trust region have no gradient"),
+           (args.eps_q > 0 and args.eps_pi > 0 and all(x >= 0 for x in (args.alpha_init, args.lr_alpha, args.beta)),
+            "--eps-q and --eps-pi must be positive; --alpha-init, --lr-alpha and --beta non-negative"),
+           (args.target != "pair-shift" or 0 < args.delta0 < 1 / args.group_size, f"--delta0 must lie in (0, 1/G) = "
+            f"(0, {1 / args.group_size:.4g}) for --group-size {args.group_size} (got {args.delta0}): the target "
+            "1/G + delta_t A_i must stay positive"),
+           (0 < args.delta_decay <= 1 and all(x >= 0 for x in (args.alpha, args.trust_region_kl)),
+            "--delta-decay must lie in (0, 1]; --alpha and --trust-region-kl must be non-negative")])
 
 # ----------------------------------------------------------------------------- policy
 def normalize(obs_rms: RunningMeanStd, x: np.ndarray) -> np.ndarray:

@@ -276,29 +276,30 @@ def exists_if_local(value: str) -> bool:
 
 def validate_lm_args(args: LMArgs):
     at_least_one = ["prompts_per_step", "num_iterations", "update_epochs", "num_minibatches", "max_new_tokens",
-                    "micro_batch_size", "num_eval_prompts", "eval_every", "max_nonfinite_steps"]
+                    "micro_batch_size", "num_eval_prompts", "eval_every", "max_nonfinite_steps", "max_prompt_length",
+                    "reward_max_length"]
     check([(args.group_size >= 2, f"--group-size must be at least 2 (got {args.group_size}): "
              "a group of one has no comparison")]
           + [(getattr(args, k) >= 1, f"--{k.replace('_', '-')} must be at least 1 (got {getattr(args, k)})")
-             for k in at_least_one]
-          + [(args.checkpoint_every >= 0, f"--checkpoint-every must be 0 (off) or positive "
-              f"(got {args.checkpoint_every})"),
-             (args.learning_rate > 0 and args.max_grad_norm > 0, f"--learning-rate and --max-grad-norm must be "
-              f"positive (got {args.learning_rate}, {args.max_grad_norm})"),
-             (args.torch_threads >= 0, f"--torch-threads must be 0 (torch's default) or positive "
-              f"(got {args.torch_threads})"),
-             (args.prompts_per_step % args.num_minibatches == 0, f"--num-minibatches {args.num_minibatches} must "
-              f"divide --prompts-per-step {args.prompts_per_step} (minibatches hold whole groups)"),
-             (args.temperature > 0, f"--temperature must be positive (got {args.temperature})"),
-             (all(x >= 0 for x in (args.clip_eps_low, args.clip_eps_high, args.beta)) and args.clip_eps_low < 1,
-              "--clip-eps-low must lie in [0, 1), --clip-eps-high and --beta must be non-negative"),
-             (args.teacher_tau > 0 and 0 <= args.teacher_flip_prob <= 1 and args.teacher_tie_margin >= 0,
-              "--teacher-tau must be positive, --teacher-flip-prob in [0, 1], --teacher-tie-margin non-negative")]
-          + [(value in special or exists_if_local(value), f"--{flag.replace('_', '-')} {value!r}: no such file or "
-              "directory") for flag, special in [("model_name_or_path", ["tiny"]),
-                                                  ("reward_model_name_or_path", ["rule"]),
-                                                  ("dataset_name", ["tiny", "rules"])]
-             for value in [getattr(args, flag)]])
+             for k in at_least_one])
+    check([(args.checkpoint_every >= 0, f"--checkpoint-every must be 0 (off) or positive "
+            f"(got {args.checkpoint_every})"),
+           (args.learning_rate > 0 and args.max_grad_norm > 0, f"--learning-rate and --max-grad-norm must be "
+            f"positive (got {args.learning_rate}, {args.max_grad_norm})"),
+           (args.torch_threads >= 0, f"--torch-threads must be 0 (torch's default) or positive "
+            f"(got {args.torch_threads})"),
+           (args.prompts_per_step % args.num_minibatches == 0, f"--num-minibatches {args.num_minibatches} must "
+            f"divide --prompts-per-step {args.prompts_per_step} (minibatches hold whole groups)"),
+           (args.temperature > 0, f"--temperature must be positive (got {args.temperature})"),
+           (all(x >= 0 for x in (args.clip_eps_low, args.clip_eps_high, args.beta)) and args.clip_eps_low < 1,
+            "--clip-eps-low must lie in [0, 1), --clip-eps-high and --beta must be non-negative"),
+           (args.teacher_tau > 0 and 0 <= args.teacher_flip_prob <= 1 and args.teacher_tie_margin >= 0,
+            "--teacher-tau must be positive, --teacher-flip-prob in [0, 1], --teacher-tie-margin non-negative")]
+        + [(value in special or exists_if_local(value), f"--{flag.replace('_', '-')} {value!r}: no such file or "
+            "directory") for flag, special in [("model_name_or_path", ["tiny"]),
+                                                ("reward_model_name_or_path", ["rule"]),
+                                                ("dataset_name", ["tiny", "rules"])]
+           for value in [getattr(args, flag)]])
 
 # ----------------------------------------------------------------------------- prompts
 # A prompt is a record: `text` is what the policy reads (`templated` if the policy's chat

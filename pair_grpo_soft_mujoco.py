@@ -265,22 +265,22 @@ def validate_mujoco_args(args: MujocoArgs):
     check([(args.group_size >= 2, f"--group-size must be at least 2 (got {args.group_size}): "
              "a group of one has no comparison")]
           + [(getattr(args, k) >= 1, f"--{k.replace('_', '-')} must be at least 1 (got {getattr(args, k)})")
-             for k in at_least_one]
-          + [(args.checkpoint_every >= 0, f"--checkpoint-every must be 0 (off) or positive "
-              f"(got {args.checkpoint_every})"),
-             (args.learning_rate > 0 and args.max_grad_norm > 0, f"--learning-rate and --max-grad-norm must be "
-              f"positive (got {args.learning_rate}, {args.max_grad_norm})"),
-             (bool(np.isfinite(args.log_std_init)), f"--log-std-init must be finite (got {args.log_std_init})"),
-             (args.lookahead >= 0, f"--lookahead must be 0 (off) or positive (got {args.lookahead})"),
-             (0 <= args.num_workers <= args.num_trunks * args.group_size, f"--num-workers must lie in [0, N*G = "
-              f"{args.num_trunks * args.group_size}] (got {args.num_workers})"),
-             (all(x >= 0 for x in (args.clip_eps_low, args.clip_eps_high, args.beta)) and args.clip_eps_low < 1,
-              "--clip-eps-low must lie in [0, 1), --clip-eps-high and --beta must be non-negative"),
-             (args.num_trunks % args.num_minibatches == 0, f"--num-minibatches {args.num_minibatches} must divide "
-              f"--num-trunks {args.num_trunks} (minibatches hold whole groups)"),
-             (args.teacher_tau > 0 and 0 <= args.teacher_flip_prob <= 1 and args.teacher_tie_margin >= 0
-              and 0 < args.teacher_gamma <= 1, "--teacher-tau must be positive, --teacher-flip-prob in [0, 1], "
-              "--teacher-tie-margin non-negative, --teacher-gamma in (0, 1]")])
+             for k in at_least_one])
+    check([(args.checkpoint_every >= 0, f"--checkpoint-every must be 0 (off) or positive "
+            f"(got {args.checkpoint_every})"),
+           (args.learning_rate > 0 and args.max_grad_norm > 0, f"--learning-rate and --max-grad-norm must be "
+            f"positive (got {args.learning_rate}, {args.max_grad_norm})"),
+           (bool(np.isfinite(args.log_std_init)), f"--log-std-init must be finite (got {args.log_std_init})"),
+           (args.lookahead >= 0, f"--lookahead must be 0 (off) or positive (got {args.lookahead})"),
+           (0 <= args.num_workers <= args.num_trunks * args.group_size, f"--num-workers must lie in [0, N*G = "
+            f"{args.num_trunks * args.group_size}] (got {args.num_workers})"),
+           (all(x >= 0 for x in (args.clip_eps_low, args.clip_eps_high, args.beta)) and args.clip_eps_low < 1,
+            "--clip-eps-low must lie in [0, 1), --clip-eps-high and --beta must be non-negative"),
+           (args.num_trunks % args.num_minibatches == 0, f"--num-minibatches {args.num_minibatches} must divide "
+            f"--num-trunks {args.num_trunks} (minibatches hold whole groups)"),
+           (args.teacher_tau > 0 and 0 <= args.teacher_flip_prob <= 1 and args.teacher_tie_margin >= 0
+            and 0 < args.teacher_gamma <= 1, "--teacher-tau must be positive, --teacher-flip-prob in [0, 1], "
+            "--teacher-tie-margin non-negative, --teacher-gamma in (0, 1]")])
 
 # ----------------------------------------------------------------------------- policy
 def normalize(obs_rms: RunningMeanStd, x: np.ndarray) -> np.ndarray:

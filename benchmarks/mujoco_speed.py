@@ -163,7 +163,8 @@ def main():
           f"{summary['SPS'] / branches:.2f} to the branches; the simulator stepped at {inside:,.0f} steps/s during "
           f"training: ratio {summary['SPS'] / inside:.2f} to that")
     # the script's own SPS counts the interleaved seconds as training time: leave them out here
-    sps = summary["global_step"] / (summary["train_seconds"] - interleaved["spent"]) if cli.interleave else summary["SPS"]
+    sps = (summary["global_step"] / (summary["train_seconds"] - interleaved["spent"]) if cli.interleave
+           else summary["SPS"])
     if cli.interleave:
         rate = interleaved["steps"] / interleaved["seconds"]
         print(f"interleaved: raw env.step {rate:,.0f} steps/s ({interleaved['steps'] // 2000} timings of 2,000 "

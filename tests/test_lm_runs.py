@@ -155,9 +155,12 @@ def test_group_size_below_two(tmp_path):
 @pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
 @pytest.mark.parametrize("flag, overrides", [
     ("--learning-rate", dict(learning_rate=0.0)), ("--max-grad-norm", dict(max_grad_norm=float("nan"))),
-    ("--beta", dict(beta=float("nan")))])
-def test_bad_optimisation_settings_fail_in_one_line(tmp_path, script, flag, overrides):
-    """Not a traceback from the optimizer, nor a run that silently never learns or drops its KL term."""
+    ("--beta", dict(beta=float("nan"))), ("--num-minibatches", dict(num_minibatches=0)),
+    ("--group-size", dict(group_size=0)), ("--max-prompt-length", dict(max_prompt_length=0)),
+    ("--reward-max-length", dict(reward_max_length=0))])
+def test_bad_settings_fail_in_one_line(tmp_path, script, flag, overrides):
+    """Not a traceback from the optimizer or from a later check dividing by the bad count, nor a run that
+    silently never learns, drops its KL term or reads empty prompts."""
     module = __import__(script)
     with pytest.raises(SystemExit) as info:
         module.train_lm(module.LMArgs(output_dir=str(tmp_path), **overrides))

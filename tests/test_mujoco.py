@@ -205,9 +205,11 @@ def test_bad_mujoco_input(tmp_path):
 @pytest.mark.parametrize("flag, overrides", [
     ("--learning-rate", dict(learning_rate=-1e-3)), ("--learning-rate", dict(learning_rate=float("nan"))),
     ("--max-grad-norm", dict(max_grad_norm=0.0)), ("--log-std-init", dict(log_std_init=float("inf"))),
-    ("--beta", dict(beta=float("nan")))])
-def test_bad_optimisation_settings_fail_in_one_line(tmp_path, script, flag, overrides):
-    """Not a traceback from Adam, nor a run that silently never learns or drops its KL term."""
+    ("--beta", dict(beta=float("nan"))), ("--num-minibatches", dict(num_minibatches=0)),
+    ("--num-trunks", dict(num_trunks=0)), ("--group-size", dict(group_size=0))])
+def test_bad_settings_fail_in_one_line(tmp_path, script, flag, overrides):
+    """Not a traceback from Adam or from a later check dividing by the bad count, nor a run that silently
+    never learns or drops its KL term."""
     module = __import__(script)
     with pytest.raises(SystemExit) as info:
         module.train_mujoco(module.MujocoArgs(output_dir=str(tmp_path), total_timesteps=1024, **overrides))
