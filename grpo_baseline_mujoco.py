@@ -586,9 +586,10 @@ def train_mujoco(args: MujocoArgs) -> dict:
         signal.signal(s, handler)
     branches.close()
     if args.save_model:
-        torch.save({"policy": policy.state_dict(), "obs_mean": obs_rms.mean, "obs_var": obs_rms.var,
-                    "obs_count": obs_rms.count, "env_id": args.env_id, "args": asdict(args)},
-                   os.path.join(run_dir, "model.pt"))
+        # tensors and plain values only, so that `torch.load(path)` reads it with its safe default (weights_only)
+        torch.save({"policy": policy.state_dict(), "obs_mean": torch.from_numpy(obs_rms.mean),
+                    "obs_var": torch.from_numpy(obs_rms.var), "obs_count": float(obs_rms.count),
+                    "env_id": args.env_id, "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
     summary = {"run_name": run_name, "global_step": global_step, "iterations": iteration,
                "train_seconds": round(train_time, 1), "SPS": round(global_step / train_time),
                "nonfinite_skipped_steps": nonfinite,

@@ -87,12 +87,13 @@ def mujoco_batches(args, eps_qs):
     with tempfile.TemporaryDirectory() as tmp:  # the fixed policy: GRPO after 200k steps
         summary = gbm.train_mujoco(gbm.MujocoArgs(total_timesteps=200_000, eval_every=1000, save_model=True,
                                                   output_dir=tmp, **shape))
-        saved = torch.load(os.path.join(tmp, summary["run_name"], "model.pt"), weights_only=False)
+        saved = torch.load(os.path.join(tmp, summary["run_name"], "model.pt"))
     env = gbm.make_mujoco_env("HalfCheetah-v4")
     policy = gbm.GaussianPolicy(env.observation_space.shape[0], env.action_space.shape[0])
     policy.load_state_dict(saved["policy"])
     obs_rms = gbm.RunningMeanStd(shape=env.observation_space.shape)
-    obs_rms.mean, obs_rms.var, obs_rms.count = saved["obs_mean"], saved["obs_var"], saved["obs_count"]
+    obs_rms.mean, obs_rms.var = np.asarray(saved["obs_mean"]), np.asarray(saved["obs_var"])
+    obs_rms.count = saved["obs_count"]
     N, G = args.prompts, args.group_size
     mj_args = gbm.with_env_defaults(gbm.MujocoArgs(**{**shape, "num_trunks": N, "group_size": G}))
     branches = gbm.Branches("HalfCheetah-v4", N * G, 1)

@@ -48,7 +48,7 @@ def gait(state: dict, reset_seed: int = 0) -> dict:
     args, obs_rms = state["args"], (state["obs_mean"], state["obs_var"]) if "obs_mean" in state else state["obs_rms"]
     policy = GaussianPolicy(17, 6, hidden=args.get("hidden_size", 64), activation=args.get("activation", "tanh"))
     policy.load_state_dict(state["policy"])
-    obs_rms = argparse.Namespace(mean=obs_rms[0], var=obs_rms[1])
+    obs_rms = argparse.Namespace(mean=np.asarray(obs_rms[0]), var=np.asarray(obs_rms[1]))
     mean, sampled = (play(policy, obs_rms, s, reset_seed) for s in (False, True))
     return {"eval_return": mean[0], "upright_share": mean[1], "forward_velocity": mean[2],
             "sampled_return": sampled[0], "sampled_upright_share": sampled[1], "log_std": round(float(

@@ -42,13 +42,13 @@ def main():
     if not paths:
         sys.exit(f"error: no {cli.folder}/SEED/RUN/model.pt (the suite saves one per finished run)")
     for path in paths:
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=False)  # runs saved before model.pt held tensors only
         env = gym.make(saved["env_id"])
         policy = GaussianPolicy(env.observation_space.shape[0], env.action_space.shape[0],
                                 hidden=saved["args"]["hidden_size"], activation=saved["args"]["activation"])
         policy.load_state_dict(saved["policy"])
         obs_rms = gym.wrappers.utils.RunningMeanStd(shape=env.observation_space.shape)
-        obs_rms.mean, obs_rms.var = saved["obs_mean"], saved["obs_var"]
+        obs_rms.mean, obs_rms.var = np.asarray(saved["obs_mean"]), np.asarray(saved["obs_var"])
         sampled = np.array([play(policy, obs_rms, saved["env_id"], True, 1000 + i) for i in range(cli.episodes)])
         mean_action = np.array([play(policy, obs_rms, saved["env_id"], False, 1000 + i) for i in range(5)])
         returns, lengths = sampled[:, 0], sampled[:, 1]
