@@ -261,6 +261,11 @@ def validate_lm_args(args: LMArgs):
                                                 ("reward_model_name_or_path", ["rule"]),
                                                 ("dataset_name", ["tiny", "rules"])]
            for value in [getattr(args, flag)]])
+    try:  # fail now, not after the models load: every run folder goes in here
+        os.makedirs(args.output_dir, exist_ok=True)
+        check([(os.access(args.output_dir, os.W_OK), f"--output-dir {args.output_dir!r}: not writable")])
+    except OSError as exc:
+        fail(f"--output-dir {args.output_dir!r}: cannot create it ({first_line(exc)})")
 
 # ----------------------------------------------------------------------------- prompts
 # A prompt is a record: `text` is what the policy reads (`templated` if the policy's chat

@@ -234,6 +234,11 @@ def validate_mujoco_args(args: MujocoArgs):
             "--clip-eps-low must lie in [0, 1), --clip-eps-high and --beta must be non-negative"),
            (args.num_trunks % args.num_minibatches == 0, f"--num-minibatches {args.num_minibatches} must divide "
             f"--num-trunks {args.num_trunks} (minibatches hold whole groups)")])
+    try:  # fail now, not after the models load: every run folder goes in here
+        os.makedirs(args.output_dir, exist_ok=True)
+        check([(os.access(args.output_dir, os.W_OK), f"--output-dir {args.output_dir!r}: not writable")])
+    except OSError as exc:
+        fail(f"--output-dir {args.output_dir!r}: cannot create it ({first_line(exc)})")
 
 # ----------------------------------------------------------------------------- policy
 def normalize(obs_rms: RunningMeanStd, x: np.ndarray) -> np.ndarray:

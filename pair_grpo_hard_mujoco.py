@@ -342,6 +342,11 @@ def validate_mujoco_args(args: MujocoArgs):
             "1/G + delta_t A_i must stay positive"),
            (0 < args.delta_decay <= 1 and all(x >= 0 for x in (args.alpha, args.trust_region_kl)),
             "--delta-decay must lie in (0, 1]; --alpha and --trust-region-kl must be non-negative")])
+    try:  # fail now, not after the models load: every run folder goes in here
+        os.makedirs(args.output_dir, exist_ok=True)
+        check([(os.access(args.output_dir, os.W_OK), f"--output-dir {args.output_dir!r}: not writable")])
+    except OSError as exc:
+        fail(f"--output-dir {args.output_dir!r}: cannot create it ({first_line(exc)})")
 
 # ----------------------------------------------------------------------------- policy
 def normalize(obs_rms: RunningMeanStd, x: np.ndarray) -> np.ndarray:

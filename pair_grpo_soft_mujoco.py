@@ -281,6 +281,11 @@ def validate_mujoco_args(args: MujocoArgs):
            (args.teacher_tau > 0 and 0 <= args.teacher_flip_prob <= 1 and args.teacher_tie_margin >= 0
             and 0 < args.teacher_gamma <= 1, "--teacher-tau must be positive, --teacher-flip-prob in [0, 1], "
             "--teacher-tie-margin non-negative, --teacher-gamma in (0, 1]")])
+    try:  # fail now, not after the models load: every run folder goes in here
+        os.makedirs(args.output_dir, exist_ok=True)
+        check([(os.access(args.output_dir, os.W_OK), f"--output-dir {args.output_dir!r}: not writable")])
+    except OSError as exc:
+        fail(f"--output-dir {args.output_dir!r}: cannot create it ({first_line(exc)})")
 
 # ----------------------------------------------------------------------------- policy
 def normalize(obs_rms: RunningMeanStd, x: np.ndarray) -> np.ndarray:

@@ -168,6 +168,15 @@ def test_bad_settings_fail_in_one_line(tmp_path, script, flag, overrides):
     assert message.startswith("error: ") and "\n" not in message and flag in message, message
 
 
+@pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
+def test_output_dir_that_cannot_be_made_fails_in_one_line(tmp_path, script):
+    module, blocker = __import__(script), tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=r"^error: --output-dir .*a_file/runs.*: cannot create it") as info:
+        module.train_lm(module.LMArgs(output_dir=str(blocker / "runs")))
+    assert "\n" not in str(info.value)
+
+
 def test_dataset_without_expected_column(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"text": "hello"}) + "\n" + json.dumps({"text": "bye"}) + "\n")

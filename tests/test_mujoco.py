@@ -218,6 +218,15 @@ def test_bad_settings_fail_in_one_line(tmp_path, script, flag, overrides):
     assert not os.listdir(tmp_path)  # failed before a run folder was made
 
 
+@pytest.mark.parametrize("script", ["grpo_baseline_mujoco", "pair_grpo_soft_mujoco", "pair_grpo_hard_mujoco"])
+def test_output_dir_that_cannot_be_made_fails_in_one_line(tmp_path, script):
+    module, blocker = __import__(script), tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=r"^error: --output-dir .*a_file/runs.*: cannot create it") as info:
+        module.train_mujoco(module.MujocoArgs(output_dir=str(blocker / "runs"), total_timesteps=1024))
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("env_id", ["HalfCheetah-v4", "Hopper-v4"])
 def test_worker_processes_step_the_same_branches(tmp_path, env_id):
     from test_lm_runs import scalars
