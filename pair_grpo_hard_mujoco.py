@@ -144,11 +144,12 @@ class MujocoArgs:
 # On all three a constant learning rate beats one annealed to 0: the return still climbs at 1M steps.
 CAN_FALL = dict(num_trunks=4, segment_length=128, log_std_init=-0.5, anneal_lr=False)
 ENV_DEFAULTS = {"*": dict(num_trunks=8, segment_length=16, lookahead=0, log_std_init=0.0, anneal_lr=True),
-                "HalfCheetah-v4": dict(num_trunks=4, segment_length=64, log_std_init=-3.0, anneal_lr=False),
-                "Hopper-v4": dict(CAN_FALL, lookahead=384), "Walker2d-v4": dict(CAN_FALL, lookahead=192)}
+                "HalfCheetah": dict(num_trunks=4, segment_length=64, log_std_init=-3.0, anneal_lr=False),
+                "Hopper": dict(CAN_FALL, lookahead=384), "Walker2d": dict(CAN_FALL, lookahead=192)}
 
 def with_env_defaults(args):
-    defaults = {**ENV_DEFAULTS["*"], **ENV_DEFAULTS.get(args.env_id, {})}
+    row = ENV_DEFAULTS.get(args.env_id.split("-v")[0], {})  # a robot's row serves v4 and v5 alike
+    defaults = {**ENV_DEFAULTS["*"], **row}
     args = replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     return replace(args, num_minibatches=args.num_trunks if args.num_minibatches is None else args.num_minibatches)
 

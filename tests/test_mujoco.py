@@ -148,6 +148,15 @@ def test_smoke_run_logs_saves_and_reloads(tmp_path):
     assert json.load(open(os.path.join(run_dir, "summary.json")))["global_step"] == 4000
 
 
+def test_env_defaults_serve_every_version_of_a_robot():
+    for v4, v5 in (("HalfCheetah-v4", "HalfCheetah-v5"), ("Hopper-v4", "Hopper-v5"), ("Walker2d-v4", "Walker2d-v5")):
+        a, b = (gb.with_env_defaults(gb.MujocoArgs(env_id=e)) for e in (v4, v5))
+        assert (a.num_trunks, a.segment_length, a.lookahead, a.log_std_init, a.anneal_lr) == (
+            b.num_trunks, b.segment_length, b.lookahead, b.log_std_init, b.anneal_lr)
+    assert gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v5")).lookahead == 384  # not the generic row's 0
+    assert gb.with_env_defaults(gb.MujocoArgs(env_id="Ant-v5")).segment_length == 16  # no row: the generic one
+
+
 def test_env_defaults_fill_only_the_fields_left_unset():
     for env_id, H, L in (("Hopper-v4", 128, 384), ("Walker2d-v4", 128, 192)):  # H learned steps, scored L past them
         falls = gb.with_env_defaults(gb.MujocoArgs(env_id=env_id))
