@@ -145,14 +145,13 @@ def main():
     module.branched_rollout, module.restore = rollout, restore
     for key, (owner, name) in blocks.items():
         setattr(owner, name, originals[key])
-    replayed = [0, 0.0]  # steps, seconds: the recorded branch segments stepped again in one simulator
-    env = module.make_mujoco_env(cli.env_id).unwrapped if cli.replay else None
-    for state, actions in recorded["segments"]:
+    replay_seconds, env = 0.0, module.make_mujoco_env(cli.env_id).unwrapped if cli.replay else None
+    for state, actions in recorded["segments"]:  # the recorded branch segments, stepped again in one simulator
         restore(env, state)
         start = time.perf_counter()
         for action in actions:
             env.step(action)
-        replayed[:] = replayed[0] + len(actions), replayed[1] + time.perf_counter() - start
+        replay_seconds += time.perf_counter() - start
     after = raw_steps_per_second(module, cli.env_id)  # this machine's speed drifts: bracket the training run
     inside = timed["simulator"][1] / timed["simulator"][0]
     print(f"{cli.script} {cli.env_id}: raw env.step {raw:,.0f} steps/s before training, {after:,.0f} after "
@@ -171,8 +170,9 @@ def main():
               f"steps, one every {cli.interleave} iterations); training without them {sps:,.0f} SPS: ratio "
               f"{sps / rate:.2f}")
     if cli.replay:
-        rate = replayed[0] / replayed[1]
-        print(f"replayed: raw env.step on the training's own trajectories {rate:,.0f} steps/s ({replayed[0]:,} "
+        replay_steps = sum(len(actions) for _, actions in recorded["segments"])
+        rate = replay_steps / replay_seconds
+        print(f"replayed: raw env.step on the training's own trajectories {rate:,.0f} steps/s ({replay_steps:,} "
               f"steps of every 10th iteration's branches, in one simulator); training {sps:,.0f} SPS (without "
               f"interleaved timings): ratio {sps / rate:.2f}; the simulator inside training ran at {inside / rate:.2f} "
               "of that")
