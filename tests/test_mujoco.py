@@ -153,8 +153,21 @@ def test_env_defaults_serve_every_version_of_a_robot():
         a, b = (gb.with_env_defaults(gb.MujocoArgs(env_id=e)) for e in (v4, v5))
         assert (a.num_trunks, a.segment_length, a.lookahead, a.log_std_init, a.anneal_lr) == (
             b.num_trunks, b.segment_length, b.lookahead, b.log_std_init, b.anneal_lr)
-    assert gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v5")).lookahead == 384  # not the generic row's 0
-    assert gb.with_env_defaults(gb.MujocoArgs(env_id="Ant-v5")).segment_length == 16  # no row: the generic one
+    assert gb.with_env_defaults(gb.MujocoArgs(env_id="Hopper-v5")).lookahead == 384  # not the generic row's 192
+    assert gb.with_env_defaults(gb.MujocoArgs(env_id="Ant-v5")).segment_length == 16  # Ant's own row
+
+
+def test_robots_without_a_row_get_the_long_score_and_ant_does_not():
+    """The generic row is the look-ahead (it beat 16-step segments on Humanoid, InvertedDoublePendulum and
+    Swimmer); Ant, whose noisy steps cost more than its alive bonus, keeps 16-step segments."""
+    for env_id in ("Walker2d-v4", "Humanoid-v4", "InvertedDoublePendulum-v5", "Swimmer-v4", "Reacher-v4"):
+        row = gb.with_env_defaults(gb.MujocoArgs(env_id=env_id))
+        assert (row.num_trunks, row.segment_length, row.lookahead, row.log_std_init, row.anneal_lr) == (
+            4, 128, 192, -0.5, False), env_id
+    for env_id in ("Ant-v4", "InvertedPendulum-v4"):
+        row = gb.with_env_defaults(gb.MujocoArgs(env_id=env_id))
+        assert (row.num_trunks, row.segment_length, row.lookahead, row.log_std_init, row.anneal_lr) == (
+            8, 16, 0, 0.0, True), env_id
 
 
 def test_env_defaults_fill_only_the_fields_left_unset():
