@@ -121,7 +121,7 @@ class MujocoArgs:
 # from 128 steps and is scored over 192 more (the look-ahead): where the body can fall, a 16-step branch
 # scores like its siblings until it falls 30 steps later, and whole episodes rank standing still above
 # hopping and falling. This row serves every robot without its own: it beat 16-step segments on Humanoid,
-# InvertedDoublePendulum and Swimmer, and drew on Reacher. Hopper scores over 384 steps. Ant keeps 16-step
+# InvertedDoublePendulum and Swimmer, and drew on Reacher. Hopper looks 384 steps ahead. Ant keeps 16-step
 # segments: its noisy steps cost more than its alive bonus, so a long score favours an early fall;
 # InvertedPendulum keeps them too (999 of 1,000). The cheetah turns over and learns to run on its back
 # unless the noise is small and a segment long enough to show what a tumble costs; there, 4 trunks (twice
@@ -133,8 +133,7 @@ ENV_DEFAULTS = {"*": LONG_SCORE, "Hopper": dict(LONG_SCORE, lookahead=384), "Ant
                 "HalfCheetah": dict(num_trunks=4, segment_length=64, lookahead=0, log_std_init=-3.0, anneal_lr=False)}
 
 def with_env_defaults(args):
-    row = ENV_DEFAULTS.get(args.env_id.split("-v")[0], {})  # a robot's row serves v4 and v5 alike
-    defaults = {**ENV_DEFAULTS["*"], **row}
+    defaults = ENV_DEFAULTS.get(args.env_id.split("-v")[0], ENV_DEFAULTS["*"])  # a robot's row serves v4 and v5
     args = replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     return replace(args, num_minibatches=args.num_trunks if args.num_minibatches is None else args.num_minibatches)
 
