@@ -121,15 +121,17 @@ class MujocoArgs:
 # from 128 steps and is scored over 192 more (the look-ahead): where the body can fall, a 16-step branch
 # scores like its siblings until it falls 30 steps later, and whole episodes rank standing still above
 # hopping and falling. This row serves every robot without its own: it beat 16-step segments on Humanoid,
-# InvertedDoublePendulum and Swimmer, and drew on Reacher. Hopper looks 384 steps ahead. Ant keeps 16-step
-# segments: its noisy steps cost more than its alive bonus, so a long score favours an early fall;
-# InvertedPendulum keeps them too (999 of 1,000). The cheetah turns over and learns to run on its back
-# unless the noise is small and a segment long enough to show what a tumble costs; there, 4 trunks (twice
-# the updates per step) learn faster than 8. A constant learning rate beats one annealed to 0 on the
-# cheetah, Hopper and Walker2d: the return still climbs at 1M steps.
+# InvertedDoublePendulum and Swimmer, and drew on Reacher and Pusher. Hopper looks 384 steps ahead. Ant keeps
+# 16-step segments: its noisy steps cost more than its alive bonus, so a long score favours an early fall;
+# InvertedPendulum keeps them too (999 of 1,000), and HumanoidStandup, which cannot fall and is paid its
+# torso's height at every step, so 16 steps show a branch's worth and their many updates learn faster. The
+# cheetah turns over and learns to run on its back unless the noise is small and a segment long enough to
+# show what a tumble costs; there, 4 trunks (twice the updates per step) learn faster than 8. A constant
+# learning rate beats one annealed to 0 on the cheetah, Hopper and Walker2d: the return still climbs at 1M steps.
 LONG_SCORE = dict(num_trunks=4, segment_length=128, lookahead=192, log_std_init=-0.5, anneal_lr=False)
 SHORT = dict(num_trunks=8, segment_length=16, lookahead=0, log_std_init=0.0, anneal_lr=True)
-ENV_DEFAULTS = {"*": LONG_SCORE, "Hopper": dict(LONG_SCORE, lookahead=384), "Ant": SHORT, "InvertedPendulum": SHORT,
+ENV_DEFAULTS = {"*": LONG_SCORE, "Hopper": dict(LONG_SCORE, lookahead=384),
+                "Ant": SHORT, "InvertedPendulum": SHORT, "HumanoidStandup": SHORT,
                 "HalfCheetah": dict(num_trunks=4, segment_length=64, lookahead=0, log_std_init=-3.0, anneal_lr=False)}
 
 def with_env_defaults(args):

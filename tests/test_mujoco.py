@@ -159,12 +159,13 @@ def test_env_defaults_serve_every_version_of_a_robot():
 
 def test_robots_without_a_row_get_the_long_score_and_ant_does_not():
     """The generic row is the look-ahead (it beat 16-step segments on Humanoid, InvertedDoublePendulum and
-    Swimmer); Ant, whose noisy steps cost more than its alive bonus, keeps 16-step segments."""
-    for env_id in ("Walker2d-v4", "Humanoid-v4", "InvertedDoublePendulum-v5", "Swimmer-v4", "Reacher-v4"):
+    Swimmer); Ant, whose noisy steps cost more than its alive bonus, keeps 16-step segments, and so does
+    HumanoidStandup (GRPO 97k against the look-ahead's 64k)."""
+    for env_id in ("Walker2d-v4", "Humanoid-v4", "InvertedDoublePendulum-v5", "Swimmer-v4", "Reacher-v4", "Pusher-v5"):
         row = gb.with_env_defaults(gb.MujocoArgs(env_id=env_id))
         assert (row.num_trunks, row.segment_length, row.lookahead, row.log_std_init, row.anneal_lr) == (
             4, 128, 192, -0.5, False), env_id
-    for env_id in ("Ant-v4", "InvertedPendulum-v4"):
+    for env_id in ("Ant-v4", "InvertedPendulum-v4", "HumanoidStandup-v4", "HumanoidStandup-v5"):
         row = gb.with_env_defaults(gb.MujocoArgs(env_id=env_id))
         assert (row.num_trunks, row.segment_length, row.lookahead, row.log_std_init, row.anneal_lr) == (
             8, 16, 0, 0.0, True), env_id
