@@ -51,7 +51,8 @@ def test_two_gloo_ranks_end_with_the_parameters_of_one_process(tmp_path, script,
                           script, *flags, "--fast-generation", fast, "--output-dir", str(tmp_path / "two")],
                          env=ENV, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, "\n".join(line for line in two.stderr.splitlines() if "[rank" in line or "rror" in line)[-6000:]
+    # all but the warnings: a rank that aborts prints its cause without a "[rank" prefix
+    assert two.returncode == 0, "\n".join(line for line in two.stderr.splitlines() if "warn" not in line.lower())[-6000:]
     assert "rank 0 of 2" in two.stdout
     a, b = saved_parameters(only_run(tmp_path / "one")), saved_parameters(only_run(tmp_path / "two"))
     gb.seed_everything(1, True)  # the runs' starting weights, to measure how far training moved them
