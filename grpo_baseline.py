@@ -168,6 +168,9 @@ def setup_distributed(use_cuda: bool) -> tuple:
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
+    # DDP imports torch.distributed.nn, whose functions' defaults would hold the group, and its threads, past
+    # destroy_process_group into interpreter exit, where a thread freeing a tensor aborts: import it groupless
+    from torch.distributed import nn  # noqa: F401
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
     return torch.distributed.get_rank(), world, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
@@ -584,7 +587,7 @@ def train_lm(args: LMArgs) -> dict:
     # Old log-probs equal the current ones when each batch gets exactly one optimizer
     # step (that step starts at theta_old): then the separate no-grad pass is skipped.
     reuse_old = args.update_epochs * args.num_minibatches == 1
-    start, resumed_at, nonfinite_in_a_row = time.time() - elapsed, time.time(), 0
+    start, resumed_at, nonfinite_in_a_row, stopping = time.time() - elapsed, time.time(), 0, False
     if start_iteration == 0 and rank == 0:
         metrics = evaluate(0)
         for key, value in metrics.items():
@@ -682,19 +685,20 @@ def train_lm(args: LMArgs) -> dict:
         if stopping or (args.checkpoint_every and iteration % args.checkpoint_every == 0):
             folder = checkpoint(iteration)
         if stopping:
-            signum = STOP["signum"] or signal.SIGTERM
-            print(f"stopped by {signal.Signals(signum).name} at iteration {iteration}; continue with --resume {folder}",
-                  flush=True)
-            if writer:
-                writer.close()
-            if world > 1:
-                torch.distributed.destroy_process_group()
-            sys.exit(128 + signum)
+            break
     for s, handler in handlers.items():
         signal.signal(s, handler)
-    if world > 1:  # leave together: a rank that exits while its peers still hold connections can abort the job
-        torch.distributed.barrier()
+    if world > 1:  # leave together: a rank that exits while its peers still hold connections can abort the job.
+        torch.distributed.barrier()  # DDP goes first, so that destroying the group joins its threads while Python runs
+        del model
         torch.distributed.destroy_process_group()
+    if stopping:
+        signum = STOP["signum"] or signal.SIGTERM
+        print(f"stopped by {signal.Signals(signum).name} at iteration {iteration}; continue with --resume {folder}",
+              flush=True)
+        if writer:
+            writer.close()
+        sys.exit(128 + signum)
     if rank != 0:
         return {}
     if args.save_model:

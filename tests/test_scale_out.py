@@ -41,6 +41,7 @@ def test_two_gloo_ranks_end_with_the_parameters_of_one_process(tmp_path, script,
     # token aggregation and small micro-batches exercise the rank weighting and the gradient sync;
     # the pair scripts' default (oracle) teacher draws no noise, so the runs can agree exactly.
     # fast "on": the two ranks sample from their rollout copies, the one process from its policy
+    # each rank runs through tests/run_rank.py, which also fails if gloo's threads outlive the script
     flags = [
         "--num-iterations", "3", "--eval-every", "3", "--update-epochs", "2", "--loss-aggregation", "token",
         "--micro-batch-size", "12", "--save-model"]
@@ -48,7 +49,8 @@ def test_two_gloo_ranks_end_with_the_parameters_of_one_process(tmp_path, script,
     one = subprocess.run([sys.executable, script, *flags, "--output-dir", str(tmp_path / "one")],
                          env=ENV, capture_output=True, text=True)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          script, *flags, "--fast-generation", fast, "--output-dir", str(tmp_path / "two")],
+                          os.path.join(ROOT, "tests", "run_rank.py"), script, *flags, "--fast-generation", fast,
+                          "--output-dir", str(tmp_path / "two")],
                          env=ENV, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     # all but the warnings: a rank that aborts prints its cause without a "[rank" prefix
