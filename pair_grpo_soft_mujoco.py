@@ -430,7 +430,7 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
     obs, limit = np.repeat(trunk_obs, G, axis=0), np.repeat(np.minimum(steps_left, H + L), G)
     raw_obs = np.zeros((B, H, obs.shape[1]))  # the loss's steps; the look-ahead keeps only rewards and mask
     actions = np.zeros((B, H, branches.action_space.shape[0]), dtype=np.float32)
-    logp, rewards, mask = np.zeros((B, H), np.float32), np.zeros((B, H + L)), np.zeros((B, H + L), np.float32)
+    rewards, mask, std = np.zeros((B, H + L)), np.zeros((B, H + L), np.float32), policy.log_std.exp()
     terminated, low, high = np.zeros(B, dtype=bool), branches.action_space.low, branches.action_space.high
     trunk_next = None
     for t in range(H + L):
@@ -439,19 +439,19 @@ def branched_rollout(policy, branches, trunk_states, trunk_obs, steps_left, obs_
         active = ~terminated & (t < limit)
         if not active.any():
             break
-        dist = policy(torch.as_tensor(normalize(obs_rms, obs), device=device))
-        action = dist.sample()  # log-probs of the unclipped sample; clipping lives in the env
-        mask[:, t], sampled = active, action.cpu().numpy()
+        # policy(obs).sample()'s very draw, without a distribution object per step: the rollout only
+        # samples (the unclipped action, clipping lives in the env); its log-probs come in one batch later
+        mean = policy.mean(torch.as_tensor(normalize(obs_rms, obs), device=device))
+        mask[:, t], sampled = active, (mean + std * torch.randn_like(mean)).cpu().numpy()
         if t < H:
             raw_obs[active, t], actions[active, t] = obs[active], sampled[active]
-            logp[active, t] = dist.log_prob(action).sum(-1).cpu().numpy()[active]
         step_obs, step_rewards, step_terminated = branches.step(np.clip(sampled, low, high), active)
         obs[active], rewards[active, t] = step_obs[active], step_rewards[active]
         terminated[active] = step_terminated[active]
     states, end_obs, ended = trunk_next or (branches.snapshot(list(range(B))), obs, terminated)
     lengths, segment_lengths = mask.sum(1).astype(int), mask[:, :H].sum(1).astype(int)
     T = segment_lengths.max()  # cut the steps no branch reached: long H on a falling robot is mostly padding
-    return {"raw_obs": raw_obs[:, :T], "actions": actions[:, :T], "logp": logp[:, :T], "mask": mask[:, :T],
+    return {"raw_obs": raw_obs[:, :T], "actions": actions[:, :T], "mask": mask[:, :T],
             "rewards": rewards[:, :lengths.max()], "scores": rewards.sum(1), "lengths": lengths, "states": states,
             "end_obs": end_obs, "terminated": ended, "segment_lengths": segment_lengths,
             "segment_returns": rewards[:, :H].sum(1)}
@@ -565,8 +565,10 @@ def train_mujoco(args: MujocoArgs) -> dict:
         global_step += int(batch["lengths"].sum())
         obs = torch.as_tensor(normalize(obs_rms, batch["raw_obs"]), device=device)
         obs_rms.update(batch["raw_obs"][batch["mask"] > 0])  # frozen until the next iteration
-        actions, old_logp, mask = (torch.as_tensor(batch[k], device=device) for k in ("actions", "logp", "mask"))
-        ref_logp = reference(obs).log_prob(actions).sum(-1) if reference is not None else None
+        actions, mask = (torch.as_tensor(batch[k], device=device) for k in ("actions", "mask"))
+        with torch.no_grad():
+            old_logp = policy(obs).log_prob(actions).sum(-1)
+            ref_logp = reference(obs).log_prob(actions).sum(-1) if reference is not None else None
 
         # ---- trunks continue from one uniformly chosen branch; episodes end at termination or the time limit
         chosen = [n * G + np.random.randint(G) for n in range(N)]

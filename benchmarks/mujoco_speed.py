@@ -87,7 +87,7 @@ def main():
     simulator, timed = type(module.make_mujoco_env(cli.env_id).unwrapped), {}
     blocks = {"simulator": (simulator, "step")}
     if cli.blocks:  # where an iteration goes; the policy's forwards run in the rollout and in the update
-        blocks.update(rollout=(module, "branched_rollout"), forwards=(module.GaussianPolicy, "forward"),
+        blocks.update(rollout=(module, "branched_rollout"), forwards=(torch.nn.Sequential, "forward"),
                       backward=(torch.Tensor, "backward"), clipping=(torch.nn.utils, "clip_grad_norm_"),
                       optimizer=(torch.optim.Adam, "step"))
     originals = {key: getattr(owner, name) for key, (owner, name) in blocks.items()}

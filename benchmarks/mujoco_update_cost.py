@@ -8,7 +8,8 @@ The clipped surrogate is GRPO's and Soft-Pair-GRPO's loss (`--script pair_grpo_s
 Hard-Pair-GRPO's pair-shift loss is not timed here.
 
 Prints microseconds per call of each part of an optimizer step on a minibatch of `--rows` steps
-(one group: G x H), and of the rollout's per-step forward with sampling on `--branches` rows.
+(one group: G x H), and of the rollout's per-step forward with sampling on `--branches` rows (and
+of the same with a distribution object and log-probs per step, as the scripts did before).
 """
 import argparse
 import importlib
@@ -67,13 +68,17 @@ def main():
     parts["logged statistics"] = per_call_us(lambda: [v.sum().item() for v in (
         mask * clipped, module.k3_kl(old_logp, logp.detach()))], cli.calls)
     branch_obs = torch.randn(cli.branches, cli.obs_dim)
-    with torch.no_grad():
-        rollout = per_call_us(lambda: (lambda d: d.log_prob(d.sample()).sum(-1).numpy())(policy(branch_obs)),
+    with torch.no_grad():  # the rollout's draw, and the same draw with a distribution and log-probs per step
+        std = policy.log_std.exp()
+        rollout = per_call_us(lambda: (lambda m: (m + std * torch.randn_like(m)).numpy())(policy.mean(branch_obs)),
                               cli.calls)
+        with_logp = per_call_us(lambda: (lambda d: d.log_prob(d.sample()).sum(-1).numpy())(policy(branch_obs)),
+                                cli.calls)
     for name, us in parts.items():
         print(f"{name:20s} {us:8.1f} us")
     print(f"{'optimizer step':20s} {sum(parts.values()):8.1f} us on {cli.rows} rows; rollout forward with "
-          f"sampling {rollout:.1f} us on {cli.branches} rows ({module.__name__})")
+          f"sampling {rollout:.1f} us on {cli.branches} rows ({module.__name__}; {with_logp:.1f} us with a "
+          f"distribution and log-probs per step)")
     # Cheaper kernels the scripts do not use (each changes the float rounding of every run):
     # torch's float32 tanh against the same function through sigmoid, forward and backward on one
     # hidden layer's activations, and Adam's fused CPU kernel against the foreach one used

@@ -68,6 +68,22 @@ def test_rollout_groups_share_their_trunk_state():
     assert not np.allclose(batch["end_obs"][0], batch["end_obs"][G])  # different trunks, different states
 
 
+def test_the_rollout_draws_what_the_policy_samples_on_normalised_observations():
+    args = small_args()
+    envs = branches_for(args, histories=False)
+    states, obs = start_states(args)
+    policy = gb.GaussianPolicy(obs.shape[1], envs[0].action_space.shape[0], log_std_init=-0.7)
+    obs_rms = gb.RunningMeanStd(shape=(obs.shape[1],))
+    obs_rms.mean, obs_rms.var = np.linspace(-1, 1, obs.shape[1]), np.linspace(0.5, 4, obs.shape[1])
+    torch.manual_seed(3)
+    batch = gb.branched_rollout(policy, gb.Branches(args.env_id, len(envs), 0, envs=envs), states, obs,
+                                np.array([1000, 1000]), obs_rms, args, torch.device("cpu"))
+    torch.manual_seed(3)  # the first step: every branch's draw from pi(. | its trunk's normalised observation)
+    with torch.no_grad():
+        expected = policy(torch.as_tensor(gb.normalize(obs_rms, np.repeat(obs, args.group_size, 0)))).sample()
+    np.testing.assert_array_equal(batch["actions"][:, 0], expected.numpy())
+
+
 def test_terminated_and_time_limited_branches_are_masked():
     args = small_args(env_id="Hopper-v4", segment_length=200)
     envs = branches_for(args, histories=False)
@@ -84,7 +100,7 @@ def test_terminated_and_time_limited_branches_are_masked():
         if batch["terminated"][i]:
             assert lengths[i] < 200
     assert (lengths[G:] <= 37).all() and (lengths[G:][~batch["terminated"][G:]] == 37).all()
-    assert (batch["logp"][mask == 0] == 0).all() and batch["raw_obs"][mask == 0].sum() == 0
+    assert (batch["actions"][mask == 0] == 0).all() and batch["raw_obs"][mask == 0].sum() == 0
     assert mask.shape[1] == lengths.max()  # the steps no branch reached are cut, not carried as padding
 
 
@@ -102,7 +118,7 @@ def test_lookahead_scores_the_branch_but_the_loss_and_the_trunk_stop_at_h():
                                    gb.replace(args, **shape), torch.device("cpu"))
 
     ahead, short, long = rollout(lookahead=L), rollout(lookahead=0), rollout(segment_length=H + L, lookahead=0)
-    for key in ("raw_obs", "actions", "logp", "mask", "end_obs", "terminated", "segment_returns"):
+    for key in ("raw_obs", "actions", "mask", "end_obs", "terminated", "segment_returns"):
         np.testing.assert_array_equal(ahead[key], short[key], err_msg=key)  # the loss and the trunk see H steps
     for a, b in zip(ahead["states"], short["states"]):
         np.testing.assert_array_equal(a, b)
