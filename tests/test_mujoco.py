@@ -1,6 +1,8 @@
 """`grpo_baseline_mujoco.py`: branched rollouts (spec section 6), masks, a smoke run, bad input."""
 import json
 import os
+import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -377,3 +379,14 @@ def test_random_search_changes_the_scripts_real_defaults_through_real_flags(monk
         assert differ == {"clip_eps_low" if k == "--clip" else k[2:].replace("-", "_") for k in picked} | (
             {"clip_eps_high"} if "--clip" in picked else set()) | (
             {"num_minibatches"} if "--num-trunks" in picked else set())
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git apply")
+def test_every_benchmark_patch_applies_to_its_script():
+    """docs/results.md reruns its diagnostic patches with `git apply`: a script change must carry them along."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = os.path.join(root, "benchmarks", "patches")
+    for name in sorted(os.listdir(folder)):
+        check = subprocess.run(["git", "apply", "--check", os.path.join(folder, name)], cwd=root,
+                               capture_output=True, text=True)
+        assert check.returncode == 0, f"benchmarks/patches/{name} no longer applies: {check.stderr.strip()}"
