@@ -228,6 +228,23 @@ def test_lookahead_steps_count_but_the_episode_clock_moves_by_h(tmp_path):
     assert [s.value for s in acc.Scalars("charts/episodic_length")] == [1000, 1000]  # one episode per trunk
 
 
+@pytest.mark.parametrize("script", ["grpo_baseline_mujoco", "pair_grpo_soft_mujoco", "pair_grpo_hard_mujoco"])
+def test_a_training_episode_counts_the_trunks_own_steps_and_rewards_only(tmp_path, script):
+    """The goal's measure. InvertedPendulum pays exactly 1 per step and its pole falls within a few dozen
+    random steps, often inside a segment: an episode's return must equal its length. Counting a chosen
+    branch's look-ahead rewards raises the return; advancing the clock by H past a fall raises the length."""
+    from test_lm_runs import scalars
+
+    module = __import__(script)
+    summary = module.train_mujoco(module.MujocoArgs(env_id="InvertedPendulum-v4", num_trunks=2, group_size=4,
+                                                    segment_length=8, lookahead=16, total_timesteps=3000,
+                                                    eval_every=100, num_eval_episodes=1, output_dir=str(tmp_path)))
+    logged = scalars(os.path.join(str(tmp_path), summary["run_name"]))
+    lengths, returns = ([value for _, value in logged[f"charts/episodic_{k}"]] for k in ("length", "return"))
+    assert len(lengths) >= 5 and any(n % 8 for n in lengths)  # episodes, some ending inside a segment
+    assert returns == pytest.approx(lengths)
+
+
 def expect_error(match, **overrides):
     with pytest.raises(SystemExit) as info:
         gb.train_mujoco(small_args(**overrides))
