@@ -142,6 +142,24 @@ def test_gaussian_kl_is_exact():
     torch.testing.assert_close(hard_mj.gaussian_kl(old.mean, old.stddev, new.mean, new.stddev), expected)
 
 
+def test_mujoco_trust_region_measures_from_the_batch_policy_to_the_current_one(tmp_path, monkeypatch):
+    """K_old = KL(pi_old || pi_theta) (the spec): the fixed batch policy first, the one being trained second.
+    The two directions agree to second order in the step, so no return or logged value tells them apart."""
+    import pair_grpo_hard_mujoco as hard_mj
+
+    calls, exact = [], hard_mj.gaussian_kl
+
+    def recording(old_mean, old_std, mean, std):
+        calls.append((old_mean.requires_grad or old_std.requires_grad, mean.requires_grad and std.requires_grad))
+        return exact(old_mean, old_std, mean, std)
+
+    monkeypatch.setattr(hard_mj, "gaussian_kl", recording)
+    hard_mj.train_mujoco(hard_mj.MujocoArgs(output_dir=str(tmp_path), num_trunks=2, group_size=4, segment_length=16,
+                                            lookahead=0, num_minibatches=2, update_epochs=2, total_timesteps=128,
+                                            eval_every=100, num_eval_episodes=1))
+    assert calls and all(c == (False, True) for c in calls), calls
+
+
 @pytest.mark.parametrize("teacher", ["oracle", "mistake"])
 def test_mujoco_smoke_run_logs_the_hard_quantities(tmp_path, teacher):
     import pair_grpo_hard_mujoco as hard_mj
