@@ -131,6 +131,43 @@ def test_lookahead_scores_the_branch_but_the_loss_and_the_trunk_stop_at_h():
     assert fell_ahead.any() and long["terminated"][fell_ahead].all() and (ahead["segment_lengths"][fell_ahead] == H).all()
 
 
+@pytest.mark.parametrize("script", ["grpo_baseline_mujoco", "pair_grpo_soft_mujoco", "pair_grpo_hard_mujoco"])
+def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, script):
+    """The old log-probs are the sampling policy's only if the batch is normalised with the statistics the
+    rollout used (they take the batch's own data after it), and steps after a fall are padding the loss
+    must not weigh. A swapped line or a dropped mask passes every return-level check on tiny runs."""
+    module, seen, masks = __import__(script), [], {"sampled": 0.0, "weighted": 0.0, "padding": 0.0}
+    normalize, rollout, loss_weights = module.normalize, module.branched_rollout, module.loss_weights
+
+    def recording_normalize(obs_rms, x):
+        seen.append((x.ndim, obs_rms.count, obs_rms.mean.copy()))
+        return normalize(obs_rms, x)
+
+    def recording_rollout(*args):
+        batch = rollout(*args)
+        masks["sampled"] += batch["mask"].sum()
+        masks["padding"] += (batch["mask"] == 0).sum()
+        return batch
+
+    def recording_weights(mask, aggregation):
+        masks["weighted"] += mask.sum().item()
+        return loss_weights(mask, aggregation)
+
+    for name, wrapper in [("normalize", recording_normalize), ("branched_rollout", recording_rollout),
+                          ("loss_weights", recording_weights)]:
+        monkeypatch.setattr(module, name, wrapper)
+    args = module.MujocoArgs(env_id="Hopper-v4", num_trunks=2, group_size=4, segment_length=16, lookahead=0,
+                             num_minibatches=2, update_epochs=2, log_std_init=0.5, total_timesteps=1500,
+                             eval_every=100, num_eval_episodes=1, output_dir=str(tmp_path))
+    module.train_mujoco(args)
+    batch_calls = [i for i, (ndim, _, _) in enumerate(seen) if ndim == 3]
+    assert batch_calls
+    for i in batch_calls:  # the batch: the statistics of the rollout's last step
+        assert seen[i - 1][0] == 2 and seen[i][1] == seen[i - 1][1]
+        np.testing.assert_array_equal(seen[i][2], seen[i - 1][2])
+    assert masks["padding"] > 0 and masks["weighted"] == pytest.approx(args.update_epochs * masks["sampled"])
+
+
 def test_segment_advantage_is_shared_by_every_step_and_masked_steps_get_no_gradient():
     scores = torch.tensor([1.0, 3.0, 2.0, 6.0])
     advantages = gb.group_advantages(scores.view(1, 4)).view(-1)
