@@ -77,6 +77,25 @@ def test_completion_mask_stops_after_first_eos():
     assert gb.completion_mask(tokens, {1, 2}).tolist()[3] == [1, 1, 0, 0]
 
 
+@pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
+def test_left_padding_does_not_change_a_sequences_log_probs(script):
+    """A batch left-pads its shorter prompts; each sequence must be scored as if alone, as generate() sampled
+    it. Rotary models barely notice positions shifted by the padding (a shift leaves q.k unchanged), so
+    the check uses a model with absolute position embeddings, where a shift changes every log-prob."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    module = __import__(script)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    alone = torch.tensor([[7, 8, 9, 10, 11]])
+    padded = torch.tensor([[0, 0, 0, 7, 8, 9, 10, 11], [1, 2, 3, 4, 5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        expected = module.token_logprobs(model, alone, torch.ones_like(alone), 3, 1.0)
+        batch = module.token_logprobs(model, padded, mask, 3, 1.0)
+    torch.testing.assert_close(batch[:1], expected)
+
+
 def test_sequence_aggregation_is_mean_of_token_means():
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0], [7.0, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
