@@ -47,3 +47,28 @@ def test_every_mujoco_script_has_the_same_per_environment_defaults():
     script alone would run GRPO, Soft and Hard on different segment lengths or noise."""
     tables = {script: module.ENV_DEFAULTS for script, module in MODULES.items() if script.endswith("_mujoco")}
     assert len(tables) == 3 and all(value == tables["grpo_baseline_mujoco"] for value in tables.values()), tables
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_loss_takes_its_kl_terms_in_the_specs_direction(tmp_path, monkeypatch, script):
+    """beta * KL(pi_theta || anchor) is k3 on the current log-probs against the anchor's; Hard's LM K_old =
+    KL(pi_old || pi_theta) takes the batch policy's first. Swapped, either agrees with the right one to
+    second order in the step, so no return and no tiny run shows it: the gradients say which is which."""
+    module, calls = MODULES[script], []
+    exact = module.k3_kl
+
+    def recording(first, second):
+        calls.append((first.requires_grad, second.requires_grad))
+        return exact(first, second)
+
+    monkeypatch.setattr(module, "k3_kl", recording)
+    common = dict(output_dir=str(tmp_path), beta=0.04, kl_anchor="ref", update_epochs=2)
+    if script.endswith("mujoco"):
+        module.train_mujoco(module.MujocoArgs(num_trunks=2, group_size=4, segment_length=16, lookahead=0,
+                                              num_minibatches=2, total_timesteps=128, eval_every=100,
+                                              num_eval_episodes=1, **common))
+    else:
+        module.train_lm(module.LMArgs(num_iterations=1, prompts_per_step=2, group_size=4, max_new_tokens=8,
+                                      num_eval_prompts=4, **common))
+    assert (True, False) in calls  # the beta penalty
+    assert ((False, True) in calls) == (script == "pair_grpo_hard_lm")  # K_old (Hard MuJoCo: the exact Gaussian KL)
