@@ -134,10 +134,13 @@ def test_lookahead_scores_the_branch_but_the_loss_and_the_trunk_stop_at_h():
 @pytest.mark.parametrize("script", ["grpo_baseline_mujoco", "pair_grpo_soft_mujoco", "pair_grpo_hard_mujoco"])
 def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, script):
     """The old log-probs are the sampling policy's only if the batch is normalised with the statistics the
-    rollout used (they take the batch's own data after it), and steps after a fall are padding the loss
-    must not weigh. A swapped line or a dropped mask passes every return-level check on tiny runs."""
+    rollout used (they take the batch's own data after it); steps after a fall are padding the loss must
+    not weigh; a group holds the G branches of one trunk. A swapped line, a dropped mask or groups laid
+    across trunks pass every return-level check on tiny runs."""
     module, seen, masks = __import__(script), [], {"sampled": 0.0, "weighted": 0.0, "padding": 0.0}
     normalize, rollout, loss_weights = module.normalize, module.branched_rollout, module.loss_weights
+    grouping = "group_advantages" if script == "grpo_baseline_mujoco" else "teacher_labels"
+    group_of, scores, grouped = getattr(module, grouping), [], []
 
     def recording_normalize(obs_rms, x):
         seen.append((x.ndim, obs_rms.count, obs_rms.mean.copy()))
@@ -147,14 +150,19 @@ def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, scri
         batch = rollout(*args)
         masks["sampled"] += batch["mask"].sum()
         masks["padding"] += (batch["mask"] == 0).sum()
+        scores.append(torch.as_tensor(batch["scores"], dtype=torch.float32))
         return batch
+
+    def recording_grouping(values, *rest, **kwargs):
+        grouped.append((values.clone(), scores[-1]))  # against the scores of the rollout just made
+        return group_of(values, *rest, **kwargs)
 
     def recording_weights(mask, aggregation):
         masks["weighted"] += mask.sum().item()
         return loss_weights(mask, aggregation)
 
     for name, wrapper in [("normalize", recording_normalize), ("branched_rollout", recording_rollout),
-                          ("loss_weights", recording_weights)]:
+                          ("loss_weights", recording_weights), (grouping, recording_grouping)]:
         monkeypatch.setattr(module, name, wrapper)
     args = module.MujocoArgs(env_id="Hopper-v4", num_trunks=2, group_size=4, segment_length=16, lookahead=0,
                              num_minibatches=2, update_epochs=2, log_std_init=0.5, total_timesteps=1500,
@@ -166,6 +174,9 @@ def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, scri
         assert seen[i - 1][0] == 2 and seen[i][1] == seen[i - 1][1]
         np.testing.assert_array_equal(seen[i][2], seen[i - 1][2])
     assert masks["padding"] > 0 and masks["weighted"] == pytest.approx(args.update_epochs * masks["sampled"])
+    assert len(grouped) >= len(scores)
+    for values, sampled in grouped:  # row n: trunk n's branches, in order
+        torch.testing.assert_close(values.cpu(), sampled.view(args.num_trunks, args.group_size))
 
 
 def test_segment_advantage_is_shared_by_every_step_and_masked_steps_get_no_gradient():
