@@ -181,6 +181,18 @@ def test_kl_anchor_old_is_the_batch_policy_and_ref_the_starting_one(tmp_path):
         assert (max(values) == 0.0) == (anchor == "old"), (anchor, values)
 
 
+@pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
+def test_with_several_steps_per_batch_pi_old_stays_the_sampling_policy(tmp_path, script):
+    """From a batch's second optimizer step on, the policy has moved from pi_old: the KL to it is positive.
+    The one-step shortcut (old log-probs = the current ones) taken with several steps would set every
+    ratio to 1, turn the clip off and zero this KL."""
+    module = importlib.import_module(script)
+    summary = module.train_lm(module.LMArgs(num_iterations=2, eval_every=2, num_eval_prompts=8, beta=0.5,
+                                            kl_anchor="old", update_epochs=2, output_dir=str(tmp_path)))
+    kl = [v for _, v in scalars(os.path.join(str(tmp_path), summary["run_name"]))["losses/kl"]]
+    assert len(kl) == 2 and min(kl) > 1e-6, kl
+
+
 @pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm", "grpo_baseline_mujoco",
                                     "pair_grpo_soft_mujoco", "pair_grpo_hard_mujoco"])
 def test_every_script_logs_the_gradient_norm_before_clipping(tmp_path, script):
