@@ -211,3 +211,35 @@ def test_rules_task_is_learned_but_not_saturated(tmp_path):
     summary, run_dir = run(tmp_path, dataset_name="rules", num_iterations=40, eval_every=40)
     assert 0.3 <= dict(scalars(run_dir)["eval/win_rate"])[0] <= 0.7, summary
     assert 0.7 <= summary["eval/win_rate"] < 0.95 and summary["eval/score"] > 2 * summary["eval/reference_score"], summary
+
+
+@pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
+def test_each_completion_is_judged_against_its_own_prompt(tmp_path, monkeypatch, script):
+    """The rules task's judge reads each prompt's rules from its record: records laid out in another order
+    than the completions score every reply against another prompt's rules, and the rules task's learning
+    test still passed with them so laid out."""
+    from transformers import ByT5Tokenizer
+
+    module, tokenizer, sampled, checked = __import__(script), ByT5Tokenizer(), {}, []
+    sample, load_judge = module.sample_completions, module.load_lm_judge
+
+    def recording_sample(*args, **kwargs):
+        sampled["batch"] = sample(*args, **kwargs)
+        return sampled["batch"]
+
+    def checking_judge(*args, **kwargs):
+        judge = load_judge(*args, **kwargs)
+
+        def check(records, texts):
+            batch = sampled["batch"]
+            prompts = batch["input_ids"][:, : batch["input_ids"].shape[1] - batch["mask"].shape[1]]
+            assert [r["text"] for r in records] == tokenizer.batch_decode(prompts, skip_special_tokens=True)
+            checked.append(len(records))
+            return judge(records, texts)
+        return check
+
+    monkeypatch.setattr(module, "sample_completions", recording_sample)
+    monkeypatch.setattr(module, "load_lm_judge", checking_judge)
+    module.train_lm(module.LMArgs(dataset_name="rules", num_iterations=1, prompts_per_step=4, group_size=4,
+                                  max_new_tokens=8, num_eval_prompts=4, update_epochs=2, output_dir=str(tmp_path)))
+    assert 16 in checked  # the training batch: 4 prompts x 4 completions
