@@ -135,8 +135,9 @@ def test_lookahead_scores_the_branch_but_the_loss_and_the_trunk_stop_at_h():
 def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, script):
     """The old log-probs are the sampling policy's only if the batch is normalised with the statistics the
     rollout used (they take the batch's own data after it); steps after a fall are padding the loss must
-    not weigh; a group holds the G branches of one trunk. A swapped line, a dropped mask or groups laid
-    across trunks pass every return-level check on tiny runs."""
+    not weigh; a group holds the G branches of one trunk; a trunk goes on with one branch's state and that
+    branch's observation. A swapped line, a dropped mask, groups laid across trunks or another branch's
+    observation pass every return-level check on tiny runs."""
     module, seen, masks = __import__(script), [], {"sampled": 0.0, "weighted": 0.0, "padding": 0.0}
     normalize, rollout, loss_weights = module.normalize, module.branched_rollout, module.loss_weights
     grouping = "group_advantages" if script == "grpo_baseline_mujoco" else "teacher_labels"
@@ -146,8 +147,14 @@ def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, scri
         seen.append((x.ndim, obs_rms.count, obs_rms.mean.copy()))
         return normalize(obs_rms, x)
 
-    def recording_rollout(*args):
-        batch = rollout(*args)
+    probe = module.make_mujoco_env("Hopper-v4")
+    probe.reset(seed=0)
+
+    def recording_rollout(policy, branches, trunk_states, trunk_obs, *rest):
+        for state, obs in zip(trunk_states, trunk_obs):  # a trunk goes on from one branch: its state and its obs
+            module.restore(probe, state)
+            np.testing.assert_array_equal(obs, probe.unwrapped._get_obs())
+        batch = rollout(policy, branches, trunk_states, trunk_obs, *rest)
         masks["sampled"] += batch["mask"].sum()
         masks["padding"] += (batch["mask"] == 0).sum()
         scores.append(torch.as_tensor(batch["scores"], dtype=torch.float32))
@@ -168,6 +175,7 @@ def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, scri
                              num_minibatches=2, update_epochs=2, log_std_init=0.5, total_timesteps=1500,
                              eval_every=100, num_eval_episodes=1, output_dir=str(tmp_path))
     module.train_mujoco(args)
+    probe.close()
     batch_calls = [i for i, (ndim, _, _) in enumerate(seen) if ndim == 3]
     assert batch_calls
     for i in batch_calls:  # the batch: the statistics of the rollout's last step
