@@ -49,26 +49,34 @@ def test_every_mujoco_script_has_the_same_per_environment_defaults():
     assert len(tables) == 3 and all(value == tables["grpo_baseline_mujoco"] for value in tables.values()), tables
 
 
+@pytest.mark.parametrize("anchor", ["old", "ref"])
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_loss_takes_its_kl_terms_in_the_specs_direction(tmp_path, monkeypatch, script):
+def test_every_loss_takes_its_kl_terms_in_the_specs_direction_and_anchor(tmp_path, monkeypatch, script, anchor):
     """beta * KL(pi_theta || anchor) is k3 on the current log-probs against the anchor's; Hard's LM K_old =
     KL(pi_old || pi_theta) takes the batch policy's first. Swapped, either agrees with the right one to
-    second order in the step, so no return and no tiny run shows it: the gradients say which is which."""
+    second order in the step, so no return and no tiny run shows it: the gradients say which is which.
+    The anchor: at each batch's first step theta = theta_old, so the penalty is 0 there for `old`, and for
+    `ref` only until the first update has moved the policy from where it started."""
     module, calls = MODULES[script], []
     exact = module.k3_kl
 
     def recording(first, second):
-        calls.append((first.requires_grad, second.requires_grad))
-        return exact(first, second)
+        value = exact(first, second)
+        calls.append((first.requires_grad, second.requires_grad, value.abs().sum().item()))
+        return value
 
     monkeypatch.setattr(module, "k3_kl", recording)
-    common = dict(output_dir=str(tmp_path), beta=0.04, kl_anchor="ref", update_epochs=2)
-    if script.endswith("mujoco"):
+    common = dict(output_dir=str(tmp_path), beta=0.04, kl_anchor=anchor, update_epochs=2)
+    if script.endswith("mujoco"):  # two iterations of 2 x 4 x 16 steps, 2 x 2 optimizer steps each
         module.train_mujoco(module.MujocoArgs(num_trunks=2, group_size=4, segment_length=16, lookahead=0,
-                                              num_minibatches=2, total_timesteps=128, eval_every=100,
+                                              num_minibatches=2, total_timesteps=256, eval_every=100,
                                               num_eval_episodes=1, **common))
-    else:
-        module.train_lm(module.LMArgs(num_iterations=1, prompts_per_step=2, group_size=4, max_new_tokens=8,
+        steps = 4
+    else:  # two iterations of 2 optimizer steps
+        module.train_lm(module.LMArgs(num_iterations=2, prompts_per_step=2, group_size=4, max_new_tokens=8,
                                       num_eval_prompts=4, **common))
-    assert (True, False) in calls  # the beta penalty
-    assert ((False, True) in calls) == (script == "pair_grpo_hard_lm")  # K_old (Hard MuJoCo: the exact Gaussian KL)
+        steps = 2
+    penalty = [value for needs_grad, anchor_grad, value in calls if needs_grad and not anchor_grad]
+    assert ((False, True) in [c[:2] for c in calls]) == (script == "pair_grpo_hard_lm")  # K_old (MuJoCo: exact)
+    assert len(penalty) == 2 * steps and penalty[0] == 0.0 and max(penalty) > 0
+    assert (penalty[steps] == 0.0) == (anchor == "old"), penalty  # the second batch's first step
