@@ -137,9 +137,12 @@ def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, scri
     rollout used (they take the batch's own data after it); steps after a fall are padding the loss must
     not weigh; a group holds the G branches of one trunk; a trunk goes on with one branch's state and that
     branch's observation. A swapped line, a dropped mask, groups laid across trunks or another branch's
-    observation pass every return-level check on tiny runs."""
-    module, seen, masks = __import__(script), [], {"sampled": 0.0, "weighted": 0.0, "padding": 0.0}
+    observation pass every return-level check on tiny runs, as do a step count or running statistics
+    that take in the padding."""
+    module, seen = __import__(script), []
+    masks = {"sampled": 0.0, "weighted": 0.0, "padding": 0.0, "stepped": 0.0}
     normalize, rollout, loss_weights = module.normalize, module.branched_rollout, module.loss_weights
+    step = module.Branches.step
     grouping = "group_advantages" if script == "grpo_baseline_mujoco" else "teacher_labels"
     group_of, scores, grouped = getattr(module, grouping), [], []
 
@@ -164,6 +167,10 @@ def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, scri
         grouped.append((values.clone(), scores[-1]))  # against the scores of the rollout just made
         return group_of(values, *rest, **kwargs)
 
+    def counting_step(branches, actions, active):  # the simulator's own count of environment steps
+        masks["stepped"] += active.sum()
+        return step(branches, actions, active)
+
     def recording_weights(mask, aggregation):
         masks["weighted"] += mask.sum().item()
         return loss_weights(mask, aggregation)
@@ -171,10 +178,11 @@ def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, scri
     for name, wrapper in [("normalize", recording_normalize), ("branched_rollout", recording_rollout),
                           ("loss_weights", recording_weights), (grouping, recording_grouping)]:
         monkeypatch.setattr(module, name, wrapper)
+    monkeypatch.setattr(module.Branches, "step", counting_step)
     args = module.MujocoArgs(env_id="Hopper-v4", num_trunks=2, group_size=4, segment_length=16, lookahead=0,
                              num_minibatches=2, update_epochs=2, log_std_init=0.5, total_timesteps=1500,
-                             eval_every=100, num_eval_episodes=1, output_dir=str(tmp_path))
-    module.train_mujoco(args)
+                             eval_every=100, num_eval_episodes=1, output_dir=str(tmp_path), save_model=True)
+    summary = module.train_mujoco(args)
     probe.close()
     batch_calls = [i for i, (ndim, _, _) in enumerate(seen) if ndim == 3]
     assert batch_calls
@@ -182,6 +190,9 @@ def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, scri
         assert seen[i - 1][0] == 2 and seen[i][1] == seen[i - 1][1]
         np.testing.assert_array_equal(seen[i][2], seen[i - 1][2])
     assert masks["padding"] > 0 and masks["weighted"] == pytest.approx(args.update_epochs * masks["sampled"])
+    assert summary["global_step"] == masks["stepped"]
+    saved = torch.load(os.path.join(str(tmp_path), summary["run_name"], "model.pt"))
+    assert saved["obs_count"] == pytest.approx(masks["sampled"], abs=1e-3)  # the statistics saw each step once
     assert len(grouped) >= len(scores)
     for values, sampled in grouped:  # row n: trunk n's branches, in order
         torch.testing.assert_close(values.cpu(), sampled.view(args.num_trunks, args.group_size))
