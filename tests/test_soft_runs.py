@@ -57,6 +57,25 @@ def test_mujoco_smoke_run(tmp_path, teacher):
     assert os.path.exists(os.path.join(str(tmp_path), summary["run_name"], "model.pt"))
 
 
+@pytest.mark.parametrize("module", [soft_lm, soft_mj], ids=["lm", "mujoco"])
+def test_scaled_net_win_rates_change_the_update(tmp_path, module):
+    """--scale-advantages (the ablation that tends to GRPO) reaches the advantages: a flag the loop dropped
+    would leave the run equal to the default's, which no other test compares."""
+    losses = {}
+    for scale in [False, True]:
+        out = str(tmp_path / str(scale))
+        if module is soft_lm:
+            summary = soft_lm.train_lm(soft_lm.LMArgs(num_iterations=2, eval_every=2, num_eval_prompts=8,
+                                                      update_epochs=2, scale_advantages=scale, output_dir=out))
+        else:
+            summary = soft_mj.train_mujoco(soft_mj.MujocoArgs(num_trunks=2, group_size=4, segment_length=16,
+                                                              num_minibatches=2, update_epochs=2, total_timesteps=256,
+                                                              eval_every=100, num_eval_episodes=1, log_std_init=0.0,
+                                                              scale_advantages=scale, output_dir=out))
+        losses[scale] = [v for _, v in scalars(os.path.join(out, summary["run_name"]))["losses/policy_loss"]]
+    assert len(losses[True]) == 2 and losses[True] != losses[False], losses
+
+
 def test_bad_teacher_settings(tmp_path):
     with pytest.raises(SystemExit, match="--teacher-tau must be positive"):
         soft_lm.train_lm(soft_lm.LMArgs(teacher_tau=0.0, output_dir=str(tmp_path)))
