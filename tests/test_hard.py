@@ -160,6 +160,27 @@ def test_mujoco_trust_region_measures_from_the_batch_policy_to_the_current_one(t
     assert calls and all(c == (False, True) for c in calls), calls
 
 
+def test_mujoco_fit_is_the_mean_over_a_minibatchs_groups(tmp_path, monkeypatch):
+    """The fit is a mean over groups, so its weight against the trust region does not grow with the groups
+    a minibatch holds. At the default (one group per minibatch) a sum is the same number, so two groups."""
+    import pair_grpo_hard_mujoco as hard_mj
+
+    per_group, exact = [], hard_mj.reverse_kl_fit
+
+    def recording(q, log_ratios):
+        value = exact(q, log_ratios)
+        per_group.append(value.detach().mean().item())
+        return value
+
+    monkeypatch.setattr(hard_mj, "reverse_kl_fit", recording)
+    summary = hard_mj.train_mujoco(hard_mj.MujocoArgs(num_trunks=2, group_size=4, segment_length=16, lookahead=0,
+                                                      num_minibatches=1, update_epochs=2, total_timesteps=256,
+                                                      eval_every=100, num_eval_episodes=1, output_dir=str(tmp_path)))
+    logged = [v for _, v in scalars(os.path.join(str(tmp_path), summary["run_name"]))["losses/fit"]]
+    assert len(per_group) == 4 and len(logged) == 2  # two iterations of two optimizer steps
+    assert logged == pytest.approx([sum(per_group[:2]) / 2, sum(per_group[2:]) / 2], rel=1e-5)
+
+
 @pytest.mark.parametrize("teacher", ["oracle", "mistake"])
 def test_mujoco_smoke_run_logs_the_hard_quantities(tmp_path, teacher):
     import pair_grpo_hard_mujoco as hard_mj
