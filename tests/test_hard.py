@@ -181,6 +181,22 @@ def test_mujoco_fit_is_the_mean_over_a_minibatchs_groups(tmp_path, monkeypatch):
     assert logged == pytest.approx([sum(per_group[:2]) / 2, sum(per_group[2:]) / 2], rel=1e-5)
 
 
+def test_lm_fit_is_the_mean_over_a_minibatchs_groups_across_micro_batches(tmp_path, monkeypatch):
+    """As on MuJoCo: micro-batches of one group each add up to the mean over the minibatch's four groups."""
+    per_group, exact = [], hard.reverse_kl_fit
+
+    def recording(q, log_ratios):
+        value = exact(q, log_ratios)
+        per_group.extend(value.detach().tolist())
+        return value
+
+    monkeypatch.setattr(hard, "reverse_kl_fit", recording)
+    summary = hard.train_lm(hard.LMArgs(num_iterations=1, prompts_per_step=4, group_size=4, micro_batch_size=4,
+                                        update_epochs=2, max_new_tokens=8, num_eval_prompts=4, output_dir=str(tmp_path)))
+    (logged,) = [v for _, v in scalars(os.path.join(str(tmp_path), summary["run_name"]))["losses/fit"]]
+    assert len(per_group) == 2 * 4 and logged == pytest.approx(sum(per_group) / len(per_group), rel=1e-5)
+
+
 @pytest.mark.parametrize("teacher", ["oracle", "mistake"])
 def test_mujoco_smoke_run_logs_the_hard_quantities(tmp_path, teacher):
     import pair_grpo_hard_mujoco as hard_mj
