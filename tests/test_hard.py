@@ -192,7 +192,8 @@ def test_lm_fit_is_the_mean_over_a_minibatchs_groups_across_micro_batches(tmp_pa
 
     monkeypatch.setattr(hard, "reverse_kl_fit", recording)
     summary = hard.train_lm(hard.LMArgs(num_iterations=1, prompts_per_step=4, group_size=4, micro_batch_size=4,
-                                        update_epochs=2, max_new_tokens=8, num_eval_prompts=4, output_dir=str(tmp_path)))
+                                        update_epochs=2, max_new_tokens=8, num_eval_prompts=4,
+                                        output_dir=str(tmp_path)))
     (logged,) = [v for _, v in scalars(os.path.join(str(tmp_path), summary["run_name"]))["losses/fit"]]
     assert len(per_group) == 2 * 4 and logged == pytest.approx(sum(per_group) / len(per_group), rel=1e-5)
 
