@@ -80,3 +80,25 @@ def test_every_loss_takes_its_kl_terms_in_the_specs_direction_and_anchor(tmp_pat
     assert ((False, True) in [c[:2] for c in calls]) == (script == "pair_grpo_hard_lm")  # K_old (MuJoCo: exact)
     assert len(penalty) == 2 * steps and penalty[0] == 0.0 and max(penalty) > 0
     assert (penalty[steps] == 0.0) == (anchor == "old"), penalty  # the second batch's first step
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if "hard" not in s])
+def test_every_surrogate_takes_its_clip_range_the_right_way_round(tmp_path, monkeypatch, script):
+    """--clip-eps-low bounds the ratio from below and --clip-eps-high from above (a wider upper range lets
+    rare good tokens grow); with the defaults equal, swapped ranges change nothing any other test sees."""
+    module, calls = MODULES[script], []
+    exact = module.clipped_surrogate
+
+    def recording(logp, old_logp, advantages, eps_low, eps_high):
+        calls.append((eps_low, eps_high))
+        return exact(logp, old_logp, advantages, eps_low, eps_high)
+
+    monkeypatch.setattr(module, "clipped_surrogate", recording)
+    common = dict(output_dir=str(tmp_path), clip_eps_low=0.1, clip_eps_high=0.3)
+    if script.endswith("mujoco"):
+        module.train_mujoco(module.MujocoArgs(num_trunks=2, group_size=4, segment_length=16, lookahead=0,
+                                              total_timesteps=128, eval_every=100, num_eval_episodes=1, **common))
+    else:
+        module.train_lm(module.LMArgs(num_iterations=1, prompts_per_step=2, group_size=4, max_new_tokens=8,
+                                      num_eval_prompts=4, **common))
+    assert calls and set(calls) == {(0.1, 0.3)}, calls
