@@ -140,7 +140,7 @@ def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, scri
     observation pass every return-level check on tiny runs, as do a step count or running statistics
     that take in the padding."""
     module, seen = __import__(script), []
-    masks = {"sampled": 0.0, "weighted": 0.0, "padding": 0.0, "stepped": 0.0}
+    counts = {"sampled": 0.0, "weighted": 0.0, "padding": 0.0, "stepped": 0.0}
     normalize, rollout, loss_weights = module.normalize, module.branched_rollout, module.loss_weights
     step = module.Branches.step
     grouping = "group_advantages" if script == "grpo_baseline_mujoco" else "teacher_labels"
@@ -158,8 +158,8 @@ def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, scri
             module.restore(probe, state)
             np.testing.assert_array_equal(obs, probe.unwrapped._get_obs())
         batch = rollout(policy, branches, trunk_states, trunk_obs, *rest)
-        masks["sampled"] += batch["mask"].sum()
-        masks["padding"] += (batch["mask"] == 0).sum()
+        counts["sampled"] += batch["mask"].sum()
+        counts["padding"] += (batch["mask"] == 0).sum()
         scores.append(torch.as_tensor(batch["scores"], dtype=torch.float32))
         return batch
 
@@ -168,11 +168,11 @@ def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, scri
         return group_of(values, *rest, **kwargs)
 
     def counting_step(branches, actions, active):  # the simulator's own count of environment steps
-        masks["stepped"] += active.sum()
+        counts["stepped"] += active.sum()
         return step(branches, actions, active)
 
     def recording_weights(mask, aggregation):
-        masks["weighted"] += mask.sum().item()
+        counts["weighted"] += mask.sum().item()
         return loss_weights(mask, aggregation)
 
     for name, wrapper in [("normalize", recording_normalize), ("branched_rollout", recording_rollout),
@@ -189,10 +189,10 @@ def test_the_update_sees_the_batch_as_it_was_sampled(tmp_path, monkeypatch, scri
     for i in batch_calls:  # the batch: the statistics of the rollout's last step
         assert seen[i - 1][0] == 2 and seen[i][1] == seen[i - 1][1]
         np.testing.assert_array_equal(seen[i][2], seen[i - 1][2])
-    assert masks["padding"] > 0 and masks["weighted"] == pytest.approx(args.update_epochs * masks["sampled"])
-    assert summary["global_step"] == masks["stepped"]
+    assert counts["padding"] > 0 and counts["weighted"] == pytest.approx(args.update_epochs * counts["sampled"])
+    assert summary["global_step"] == counts["stepped"]
     saved = torch.load(os.path.join(str(tmp_path), summary["run_name"], "model.pt"))
-    assert saved["obs_count"] == pytest.approx(masks["sampled"], abs=1e-3)  # the statistics saw each step once
+    assert saved["obs_count"] == pytest.approx(counts["sampled"], abs=1e-3)  # the statistics saw each step once
     assert len(grouped) >= len(scores)
     for values, sampled in grouped:  # row n: trunk n's branches, in order
         torch.testing.assert_close(values.cpu(), sampled.view(args.num_trunks, args.group_size))
