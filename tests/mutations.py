@@ -4,10 +4,11 @@
     python tests/mutations.py NAME [NAME]    # some of them
 
 Each mutation is a realistic slip (an argument swapped, a line moved up, a division dropped, a flag
-ignored), applied to every script that holds the line, in a copy of the checkout. The suite runs there
-without the 2-rank gloo runs (slow, and covered by the 1-rank ones here) and without the patch check (a
-moved line breaks a patch's context, which says nothing of behaviour). Prints CAUGHT and the first failing
-test, or MISSED; exits 1 if any was missed. Not part of the suite or of CI: run it after changing a loop."""
+ignored), applied to every script that holds the line, in a copy of the checkout's tracked files. The
+suite runs there without the 2-rank gloo runs (a minute each, and every slip here sits in code that one
+process runs too) and without the patch check (a moved line breaks a patch's context, which says nothing
+of behaviour); first once unchanged, which must pass. Prints CAUGHT and the first failing test, or MISSED;
+exits 1 if any was missed. Not part of the suite or of CI: run it after changing a training loop."""
 import os
 import shutil
 import subprocess
@@ -155,6 +156,13 @@ MUTATIONS = [  # name, a line's text in the scripts, the slip
 ]
 
 
+def suite(workdir: str) -> subprocess.CompletedProcess:
+    deselect = [arg for test in SKIP for arg in ("--deselect", test)]
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests", *deselect],
+                          cwd=workdir, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))  # no stale bytecode of a slip
+
+
 def run(name: str, text: str, slip: str, workdir: str) -> bool:
     held = [s for s in SCRIPTS if text in open(os.path.join(ROOT, s)).read()]
     if not held:
@@ -163,13 +171,12 @@ def run(name: str, text: str, slip: str, workdir: str) -> bool:
         source = open(os.path.join(ROOT, script)).read()
         with open(os.path.join(workdir, script), "w") as f:
             f.write(source.replace(text, slip) if script in held else source)
-    deselect = [arg for test in SKIP for arg in ("--deselect", test)]
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests", *deselect],
-                         cwd=workdir, capture_output=True, text=True)
-    failed = [line for line in out.stdout.splitlines() if line.startswith("FAILED")][:1]
-    print(f"{name} ({len(held)} scripts): " + (f"CAUGHT by {failed[0][7:] if failed else 'an error'}"
-                                                if out.returncode else "MISSED"), flush=True)
-    return out.returncode != 0
+    out = suite(workdir)
+    if out.returncode not in (0, 1):  # pytest's own trouble (collection, usage): not a verdict on the slip
+        sys.exit(f"{name}: pytest exited {out.returncode}:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    failed = [line[len("FAILED "):] for line in out.stdout.splitlines() if line.startswith("FAILED")][:1]
+    print(f"{name} ({len(held)} scripts): " + (f"CAUGHT by {failed[0]}" if failed else "MISSED"), flush=True)
+    return bool(failed)
 
 
 if __name__ == "__main__":
@@ -181,6 +188,9 @@ if __name__ == "__main__":
         for path in tracked.split():
             os.makedirs(os.path.dirname(os.path.join(workdir, path)), exist_ok=True)
             shutil.copy(os.path.join(ROOT, path), os.path.join(workdir, path))
+        clean = suite(workdir)
+        if clean.returncode != 0:
+            sys.exit(f"the unchanged suite fails in the copy, so no slip can be judged:\n{clean.stdout[-2000:]}")
         missed = [name for name, text, slip in chosen if not run(name, text, slip, workdir)]
     print(f"{len(chosen) - len(missed)} of {len(chosen)} caught" + (f"; missed: {', '.join(missed)}" if missed else ""))
     sys.exit(1 if missed else 0)
