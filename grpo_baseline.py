@@ -388,8 +388,12 @@ def load_lm_policy(args: LMArgs, device: torch.device):
     # distribution the ratios are computed under; GumbelSampler below does the sampling.
     policy.generation_config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens,
                                                 eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
-    for module in (m for m in policy.modules() if isinstance(m, torch.nn.Dropout)):
-        module.p = 0.0  # dropout would make pi_theta differ from pi_old at theta_old
+    # Dropout would make pi_theta differ from pi_old at theta_old. Off everywhere: Dropout modules (GPT-2) and
+    # the rates layers read in their forward (OPT's `dropout`, Llama's `attention_dropout`); the config keeps them.
+    for module in policy.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("drop" in name or isinstance(module, torch.nn.Dropout) and name == "p"):
+                setattr(module, name, 0.0)
     if args.gradient_checkpointing:
         policy.activation_checkpointing_enable()
     policy.to(device)

@@ -122,6 +122,26 @@ def test_reward_model_judge_scores_each_reply_in_its_chat_template_whatever_the_
         torch.testing.assert_close(score, alone, atol=1e-4, rtol=1e-4)
 
 
+def test_reward_model_judge_reads_the_dialogue_and_the_reply_and_keeps_their_end(tiny_reward_dir, hh_dir):
+    """Without a chat template the reward model reads the prompt's text followed by the reply; a dialogue
+    longer than --reward-max-length loses its beginning, never the reply being judged."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, ByT5Tokenizer
+
+    args = gb.LMArgs(reward_model_name_or_path=tiny_reward_dir, dataset_name=hh_dir, num_eval_prompts=4,
+                     reward_max_length=24)
+    records = gb.load_lm_prompts(args, ByT5Tokenizer())[0][:3]
+    replies = [" It is 4.", " No idea at all, sorry.", " 8"]
+    scores = gb.load_lm_judge(args, torch.device("cpu"))(records, replies)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_reward_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir).eval()
+    for record, reply, score in zip(records, replies, scores):
+        assert len(record["text"]) > 24
+        ids = tokenizer(record["text"] + reply)["input_ids"][-24:]  # the end, the EOS the tokenizer adds included
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([ids])).logits[0, 0]
+        torch.testing.assert_close(score, alone, atol=1e-4, rtol=1e-4)
+
+
 def test_ultrafeedback_prompts_are_chat_templated(ultrafeedback_dir, tiny_chat_policy_dir):
     from transformers import AutoTokenizer
 

@@ -96,6 +96,37 @@ def test_left_padding_does_not_change_a_sequences_log_probs(script):
     torch.testing.assert_close(batch[:1], expected)
 
 
+
+@pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
+@pytest.mark.parametrize("family", ["opt", "llama", "gpt2"])
+def test_a_loaded_policy_trains_without_dropout_and_saves_its_config_unchanged(tmp_path, script, family):
+    """In training mode the policy must give pi_old's log-probs at theta_old, or every ratio carries dropout
+    noise. OPT reads its rates from the config in its forward, Llama its attention's; GPT-2 has Dropout modules."""
+    import transformers
+    from transformers import ByT5Tokenizer
+
+    config, model_class = {
+        "opt": (transformers.OPTConfig(ffn_dim=64, word_embed_proj_dim=32, dropout=0.5, attention_dropout=0.5,
+                                       activation_dropout=0.5, max_position_embeddings=64), "OPTForCausalLM"),
+        "llama": (transformers.LlamaConfig(intermediate_size=64, num_key_value_heads=4, attention_dropout=0.5),
+                  "LlamaForCausalLM"),
+        "gpt2": (transformers.GPT2Config(n_positions=64, resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5),
+                 "GPT2LMHeadModel")}[family]
+    config.update(dict(vocab_size=384, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
+                       eos_token_id=1, bos_token_id=None))
+    torch.manual_seed(0)
+    getattr(transformers, model_class)(config).save_pretrained(tmp_path)
+    ByT5Tokenizer().save_pretrained(tmp_path)
+    module = __import__(script)
+    policy, _, _, _ = module.load_lm_policy(module.LMArgs(model_name_or_path=str(tmp_path), cuda=False),
+                                            torch.device("cpu"))
+    ids = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    first, second = (module.token_logprobs(policy.train(), ids, torch.ones_like(ids), 8, 1.0) for _ in range(2))
+    assert torch.equal(first, second)
+    rates = [k for k, v in config.to_dict().items() if "drop" in k and v == 0.5]
+    assert rates and all(policy.config.to_dict()[k] == 0.5 for k in rates)  # what save_pretrained would write
+
+
 def test_sequence_aggregation_is_mean_of_token_means():
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0], [7.0, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])

@@ -6,6 +6,7 @@ import importlib
 import inspect
 
 import pytest
+import torch
 
 SCRIPTS = ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm",
            "grpo_baseline_mujoco", "pair_grpo_soft_mujoco", "pair_grpo_hard_mujoco"]
@@ -102,3 +103,39 @@ def test_every_surrogate_takes_its_clip_range_the_right_way_round(tmp_path, monk
         module.train_lm(module.LMArgs(num_iterations=1, prompts_per_step=2, group_size=4, max_new_tokens=8,
                                       num_eval_prompts=4, **common))
     assert calls and set(calls) == {(0.1, 0.3)}, calls
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_optimizer_step_sees_gradients_clipped_to_max_grad_norm(tmp_path, monkeypatch, script):
+    """--max-grad-norm bounds the gradient each optimizer step takes. Adam divides out a gradient's scale,
+    so a clip left out changes little on any one step and nothing a short run shows: the steps say it."""
+    module, norms = MODULES[script], []
+    for optimizer in {torch.optim.Adam, torch.optim.AdamW}:
+        def recording(self, *args, exact=optimizer.step, **kwargs):
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+            return exact(self, *args, **kwargs)
+
+        monkeypatch.setattr(optimizer, "step", recording)
+    common = dict(output_dir=str(tmp_path), max_grad_norm=1e-3, update_epochs=2)
+    if script.endswith("mujoco"):
+        module.train_mujoco(module.MujocoArgs(num_trunks=2, group_size=4, segment_length=16, lookahead=0,
+                                              total_timesteps=128, eval_every=100, num_eval_episodes=1, **common))
+    else:
+        module.train_lm(module.LMArgs(num_iterations=1, prompts_per_step=2, group_size=4, max_new_tokens=8,
+                                      num_eval_prompts=4, **common))
+    assert len(norms) >= 2 and 0.5e-3 < max(norms) <= 1e-3 * (1 + 1e-5), norms
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s.endswith("mujoco")])
+def test_every_mujoco_script_anneals_its_learning_rate_from_the_full_rate_towards_zero(tmp_path, script):
+    """--anneal-lr: each iteration starts at learning_rate * (1 - steps so far / total_timesteps)."""
+    from test_lm_runs import scalars
+
+    module = MODULES[script]
+    summary = module.train_mujoco(module.MujocoArgs(
+        num_trunks=2, group_size=4, segment_length=16, lookahead=0, total_timesteps=512, eval_every=100,
+        num_eval_episodes=1, anneal_lr=True, learning_rate=1e-3, output_dir=str(tmp_path)))
+    steps, rates = zip(*sorted(scalars(str(tmp_path / summary["run_name"]))["charts/learning_rate"]))
+    expected = [1e-3 * (1 - done / 512) for done in (0,) + steps[:-1]]
+    assert len(rates) == 4 and rates == pytest.approx(expected, rel=1e-6), (steps, rates)

@@ -1,4 +1,4 @@
-"""Scale-out and survival of the LM scripts: torchrun ranks, resume, signals, non-finite steps."""
+"""Scale-out and survival: torchrun ranks, resume, signals, non-finite steps."""
 import os
 import signal
 import subprocess
@@ -159,6 +159,25 @@ def test_mujoco_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(
         assert torch.equal(value, pb["policy"][name]), name
 
 
+@pytest.mark.parametrize("script", ["grpo_baseline_mujoco", "pair_grpo_soft_mujoco", "pair_grpo_hard_mujoco"])
+def test_a_resumed_mujoco_run_starts_its_next_episodes_where_the_uninterrupted_run_does(tmp_path, script):
+    """A trunk that falls starts its next episode from the reset environment's random stream, so the
+    checkpoint must carry that stream: on HalfCheetah, above, no episode ends within a test's steps."""
+    module = __import__(script)
+    common = dict(env_id="Hopper-v4", num_trunks=2, group_size=4, segment_length=16, lookahead=16, log_std_init=0.7,
+                  eval_every=1, num_eval_episodes=1, anneal_lr=False)  # wide noise: falls within ~30 steps
+
+    def go(folder, **kw):
+        summary = module.train_mujoco(module.MujocoArgs(output_dir=str(folder), **common, **kw))
+        return os.path.join(str(folder), summary["run_name"])
+
+    full = go(tmp_path / "full", total_timesteps=2048)
+    part = go(tmp_path / "part", total_timesteps=1024, checkpoint_every=1)
+    go(tmp_path / "part", resume=part, total_timesteps=2048)
+    assert len([step for step, _ in scalars(full)["charts/episodic_return"] if step > 1024]) >= 2
+    assert_same_scalars(full, part)
+
+
 @pytest.mark.parametrize("script", ["pair_grpo_soft_lm", "pair_grpo_hard_lm", "pair_grpo_soft_mujoco", "pair_grpo_hard_mujoco"])
 def test_pair_scripts_resume_their_teacher_noise_and_multiplier(tmp_path, script):
     module = __import__(script)
@@ -179,3 +198,29 @@ def test_pair_scripts_resume_their_teacher_noise_and_multiplier(tmp_path, script
     part = go(tmp_path / "part", checkpoint_every=every, **{length: cut_length})
     go(tmp_path / "part", resume=part, **{length: full_length})
     assert_same_scalars(full, part)
+
+
+@pytest.mark.parametrize("script", ["pair_grpo_soft_lm", "pair_grpo_hard_lm", "grpo_baseline_mujoco",
+                                    "pair_grpo_soft_mujoco", "pair_grpo_hard_mujoco"])
+def test_every_other_script_skips_a_nonfinite_step_and_keeps_its_weights_finite(tmp_path, monkeypatch, script):
+    """Each training loop is the script's own: the guard above must hold in every copy of it."""
+    module, calls = __import__(script), []
+    real = module.loss_weights
+
+    def poisoned(*a, **k):  # the run's second minibatch gets NaN weights, so a NaN loss and NaN gradients
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(module, "loss_weights", poisoned)
+    common = dict(output_dir=str(tmp_path), update_epochs=2, save_model=True)
+    if script.endswith("mujoco"):
+        summary = module.train_mujoco(module.MujocoArgs(num_trunks=2, group_size=4, segment_length=16, lookahead=0,
+                                                        num_minibatches=2, total_timesteps=256, eval_every=100,
+                                                        num_eval_episodes=1, **common))
+        weights = torch.load(os.path.join(tmp_path, summary["run_name"], "model.pt"))["policy"]
+    else:
+        summary = module.train_lm(module.LMArgs(num_iterations=2, prompts_per_step=2, group_size=4, max_new_tokens=8,
+                                                num_eval_prompts=4, **common))
+        weights = saved_parameters(os.path.join(tmp_path, summary["run_name"]))
+    assert summary["nonfinite_skipped_steps"] == 1 and len(calls) >= 4
+    assert all(torch.isfinite(w).all() for w in weights.values())
