@@ -427,15 +427,17 @@ def load_lm_policy(args: LMArgs, device: torch.device):
     # distribution the ratios are computed under; GumbelSampler below does the sampling.
     policy.generation_config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens,
                                                 eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
-    # Dropout would make pi_theta differ from pi_old at theta_old. Off everywhere: Dropout modules (GPT-2) and
-    # the rates layers read in their forward (OPT's `dropout`, Llama's `attention_dropout`); the config keeps them.
+    # The policy runs in training mode, the only one where transformers checkpoints activations (from_pretrained
+    # returns eval mode), so every dropout rate goes to 0, or pi_theta would differ from pi_old at theta_old:
+    # Dropout modules (GPT-2) and the rates layers read in their forward (OPT's `dropout`, Llama's
+    # `attention_dropout`). The config keeps its rates.
     for module in policy.modules():
         for name, value in list(vars(module).items()):
             if isinstance(value, float) and ("drop" in name or isinstance(module, torch.nn.Dropout) and name == "p"):
                 setattr(module, name, 0.0)
     if args.gradient_checkpointing:
         policy.activation_checkpointing_enable()
-    policy.to(device)
+    policy.to(device).train()
     frozen_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
     return policy, copy.deepcopy(policy).to(frozen_dtype).eval().requires_grad_(False), tokenizer, eos_ids
 

@@ -122,18 +122,24 @@ def test_reward_model_judge_scores_each_reply_in_its_chat_template_whatever_the_
         torch.testing.assert_close(score, alone, atol=1e-4, rtol=1e-4)
 
 
-def test_reward_model_judge_reads_the_dialogue_and_the_reply_and_keeps_their_end(tiny_reward_dir, hh_dir):
+@pytest.mark.parametrize("pad_in_config", [True, False])
+def test_reward_model_judge_reads_the_dialogue_and_the_reply_and_keeps_their_end(tmp_path, tiny_reward_dir, hh_dir,
+                                                                                 pad_in_config):
     """Without a chat template the reward model reads the prompt's text followed by the reply; a dialogue
-    longer than --reward-max-length loses its beginning, never the reply being judged."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, ByT5Tokenizer
+    longer than --reward-max-length loses its beginning, never the reply being judged. A reward model
+    whose config names no pad token (many do) still scores a padded batch."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, ByT5Tokenizer, LlamaForSequenceClassification
 
-    args = gb.LMArgs(reward_model_name_or_path=tiny_reward_dir, dataset_name=hh_dir, num_eval_prompts=4,
-                     reward_max_length=24)
+    from conftest import save_tiny
+
+    path = tiny_reward_dir if pad_in_config else save_tiny(tmp_path, LlamaForSequenceClassification, num_labels=1,
+                                                           pad_token_id=None)
+    args = gb.LMArgs(reward_model_name_or_path=path, dataset_name=hh_dir, num_eval_prompts=4, reward_max_length=24)
     records = gb.load_lm_prompts(args, ByT5Tokenizer())[0][:3]
     replies = [" It is 4.", " No idea at all, sorry.", " 8"]
     scores = gb.load_lm_judge(args, torch.device("cpu"))(records, replies)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_reward_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     for record, reply, score in zip(records, replies, scores):
         assert len(record["text"]) > 24
         ids = tokenizer(record["text"] + reply)["input_ids"][-24:]  # the end, the EOS the tokenizer adds included
@@ -254,7 +260,7 @@ def test_each_completion_is_judged_against_its_own_prompt(tmp_path, monkeypatch,
             batch = sampled["batch"]
             prompts = batch["input_ids"][:, : batch["input_ids"].shape[1] - batch["mask"].shape[1]]
             assert [r["text"] for r in records] == tokenizer.batch_decode(prompts, skip_special_tokens=True)
-            checked.append(len(records))
+            checked.append((len(records), len({r["text"] for r in records}), batch["mask"].shape[1]))
             return judge(records, texts)
         return check
 
@@ -262,4 +268,4 @@ def test_each_completion_is_judged_against_its_own_prompt(tmp_path, monkeypatch,
     monkeypatch.setattr(module, "load_lm_judge", checking_judge)
     module.train_lm(module.LMArgs(dataset_name="rules", num_iterations=1, prompts_per_step=4, group_size=4,
                                   max_new_tokens=8, num_eval_prompts=4, update_epochs=2, output_dir=str(tmp_path)))
-    assert 16 in checked  # the training batch: 4 prompts x 4 completions
+    assert (16, 4, 8) in checked  # the training batch: 4 different prompts x 4 completions of at most 8 tokens

@@ -100,8 +100,8 @@ def test_left_padding_does_not_change_a_sequences_log_probs(script):
 @pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
 @pytest.mark.parametrize("family", ["opt", "llama", "gpt2"])
 def test_a_loaded_policy_trains_without_dropout_and_saves_its_config_unchanged(tmp_path, script, family):
-    """In training mode the policy must give pi_old's log-probs at theta_old, or every ratio carries dropout
-    noise. OPT reads its rates from the config in its forward, Llama its attention's; GPT-2 has Dropout modules."""
+    """The policy trains in training mode and must give pi_old's log-probs at theta_old, or every ratio carries
+    dropout noise. OPT reads its rates from the config in its forward, Llama its attention's; GPT-2 has modules."""
     import transformers
     from transformers import ByT5Tokenizer
 
@@ -121,10 +121,26 @@ def test_a_loaded_policy_trains_without_dropout_and_saves_its_config_unchanged(t
     policy, _, _, _ = module.load_lm_policy(module.LMArgs(model_name_or_path=str(tmp_path), cuda=False),
                                             torch.device("cpu"))
     ids = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
-    first, second = (module.token_logprobs(policy.train(), ids, torch.ones_like(ids), 8, 1.0) for _ in range(2))
-    assert torch.equal(first, second)
+    first, second = (module.token_logprobs(policy, ids, torch.ones_like(ids), 8, 1.0) for _ in range(2))
+    assert policy.training and torch.equal(first, second)  # training mode: checkpointing needs it
     rates = [k for k, v in config.to_dict().items() if "drop" in k and v == 0.5]
     assert rates and all(policy.config.to_dict()[k] == 0.5 for k in rates)  # what save_pretrained would write
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_gradient_checkpointing_keeps_fewer_activations_whether_built_or_loaded(tiny_policy_dir, loaded):
+    """The equality test in test_lm_runs passes with or without checkpointing, so count what the backward keeps:
+    transformers checkpoints only in training mode, and from_pretrained returns a model in eval mode."""
+    def saved_tensors(checkpointing: bool) -> int:
+        args = gb.LMArgs(model_name_or_path=tiny_policy_dir if loaded else "tiny", gradient_checkpointing=checkpointing,
+                         cuda=False)
+        policy, count = gb.load_lm_policy(args, torch.device("cpu"))[0], []
+        ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: count.append(1) or t, lambda t: t):
+            gb.token_logprobs(policy, ids, torch.ones_like(ids), 4, 1.0).sum().backward()
+        return len(count)
+
+    assert saved_tensors(True) < saved_tensors(False) / 2
 
 
 def test_sequence_aggregation_is_mean_of_token_means():

@@ -438,6 +438,18 @@ def test_policy_return_benchmark_plays_the_mean_action_as_the_script_evaluates(m
     assert play(policy, obs_rms, "Hopper-v4", sampled=True, reset_seed=1000)[0] != pytest.approx(ret)
 
 
+def test_evaluation_episodes_start_from_their_own_resets():
+    """Each of --num-eval-episodes starts from its own seeded reset: the same start played three times
+    would report one episode's return as a mean over three."""
+    torch.manual_seed(0)
+    policy, obs_rms = gb.GaussianPolicy(11, 3, -0.5), gb.RunningMeanStd(shape=(11,))
+    obs_rms.update(np.random.default_rng(0).normal(size=(100, 11)))
+    args = small_args(env_id="Hopper-v4")
+    together = gb.evaluate_mujoco(policy, obs_rms, args, 3, 1000, "cpu")
+    alone = [gb.evaluate_mujoco(policy, obs_rms, args, 1, 1000 + i, "cpu")[0] for i in range(3)]
+    assert together == pytest.approx(alone) and len(set(together)) == 3
+
+
 @pytest.mark.parametrize("env_id", ["Hopper-v4", "Walker2d-v4"])
 def test_random_search_changes_the_scripts_real_defaults_through_real_flags(monkeypatch, env_id):
     """`benchmarks/mujoco_random_search.py` lists each knob's default first and draws changes from the

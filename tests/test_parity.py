@@ -105,6 +105,10 @@ def test_every_surrogate_takes_its_clip_range_the_right_way_round(tmp_path, monk
     assert calls and set(calls) == {(0.1, 0.3)}, calls
 
 
+MUJOCO_TINY = dict(num_trunks=2, group_size=4, segment_length=16, lookahead=0, total_timesteps=128, eval_every=100,
+                   num_eval_episodes=1)
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_optimizer_step_sees_gradients_clipped_to_max_grad_norm(tmp_path, monkeypatch, script):
     """--max-grad-norm bounds the gradient each optimizer step takes. Adam divides out a gradient's scale,
@@ -119,8 +123,7 @@ def test_every_optimizer_step_sees_gradients_clipped_to_max_grad_norm(tmp_path, 
         monkeypatch.setattr(optimizer, "step", recording)
     common = dict(output_dir=str(tmp_path), max_grad_norm=1e-3, update_epochs=2)
     if script.endswith("mujoco"):
-        module.train_mujoco(module.MujocoArgs(num_trunks=2, group_size=4, segment_length=16, lookahead=0,
-                                              total_timesteps=128, eval_every=100, num_eval_episodes=1, **common))
+        module.train_mujoco(module.MujocoArgs(**MUJOCO_TINY, **common))
     else:
         module.train_lm(module.LMArgs(num_iterations=1, prompts_per_step=2, group_size=4, max_new_tokens=8,
                                       num_eval_prompts=4, **common))
@@ -133,9 +136,43 @@ def test_every_mujoco_script_anneals_its_learning_rate_from_the_full_rate_toward
     from test_lm_runs import scalars
 
     module = MODULES[script]
-    summary = module.train_mujoco(module.MujocoArgs(
-        num_trunks=2, group_size=4, segment_length=16, lookahead=0, total_timesteps=512, eval_every=100,
-        num_eval_episodes=1, anneal_lr=True, learning_rate=1e-3, output_dir=str(tmp_path)))
+    summary = module.train_mujoco(module.MujocoArgs(**{**MUJOCO_TINY, "total_timesteps": 512}, anneal_lr=True,
+                                                    learning_rate=1e-3, output_dir=str(tmp_path)))
     steps, rates = zip(*sorted(scalars(str(tmp_path / summary["run_name"]))["charts/learning_rate"]))
     expected = [1e-3 * (1 - done / 512) for done in (0,) + steps[:-1]]
     assert len(rates) == 4 and rates == pytest.approx(expected, rel=1e-6), (steps, rates)
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s.endswith("mujoco")])
+def test_every_mujoco_script_builds_the_policy_its_flags_ask_for(tmp_path, monkeypatch, script):
+    module, built = MODULES[script], []
+
+    class Recording(module.GaussianPolicy):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append((self.log_std.detach().clone(), list(self.mean)))
+
+    monkeypatch.setattr(module, "GaussianPolicy", Recording)
+    module.train_mujoco(module.MujocoArgs(hidden_size=32, activation="relu", log_std_init=-1.3,
+                                          output_dir=str(tmp_path), **MUJOCO_TINY))
+    (log_std, layers), = built
+    assert torch.equal(log_std, torch.full((6,), -1.3))  # HalfCheetah's 6 joints
+    assert [type(m) for m in layers] == [torch.nn.Linear, torch.nn.ReLU] * 2 + [torch.nn.Linear]
+    assert layers[0].out_features == layers[2].out_features == 32
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s.endswith("mujoco")])
+def test_every_mujoco_script_steps_its_branches_in_the_workers_it_is_given(tmp_path, monkeypatch, script):
+    """--num-workers leaves every number as it is (test_mujoco checks that), so only the processes show it."""
+    import multiprocessing
+
+    module, before, seen = MODULES[script], {p.pid for p in multiprocessing.active_children()}, []
+    rollout = module.branched_rollout
+
+    def counting(*args, **kwargs):
+        seen.append(len({p.pid for p in multiprocessing.active_children()} - before))
+        return rollout(*args, **kwargs)
+
+    monkeypatch.setattr(module, "branched_rollout", counting)
+    module.train_mujoco(module.MujocoArgs(num_workers=3, output_dir=str(tmp_path), **MUJOCO_TINY))
+    assert seen == [3]
