@@ -96,7 +96,6 @@ def test_left_padding_does_not_change_a_sequences_log_probs(script):
     torch.testing.assert_close(batch[:1], expected)
 
 
-
 @pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
 @pytest.mark.parametrize("family", ["opt", "llama", "gpt2"])
 def test_a_loaded_policy_trains_without_dropout_and_saves_its_config_unchanged(tmp_path, script, family):
