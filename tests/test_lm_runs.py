@@ -64,10 +64,41 @@ def test_eval_kl_to_reference_is_per_token_like_the_training_kl(tmp_path):
     assert train_kl[-1] / 3 < summary["eval/kl_to_reference"] < train_kl[-1] * 3, (eval_kl, train_kl)
 
 
-def test_micro_batching_and_checkpointing_give_the_full_batch_update_and_saved_model_loads(tmp_path):
+@pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
+def test_eval_kl_runs_from_the_policy_to_the_reference(tmp_path, monkeypatch, script):
+    """eval/kl_to_reference is k3 KL(policy || reference) on the policy's samples, the training penalty's
+    direction. Swapped, it reads about the same number, so the call says which is which."""
+    module, made, pairs = __import__(script), {}, []
+    real_logprobs, real_k3 = module.batched_logprobs, module.k3_kl
+
+    def tagging(model, *args, **kwargs):
+        out = real_logprobs(model, *args, **kwargs)
+        made[id(out)] = (out, "policy" if any(p.requires_grad for p in model.parameters()) else "reference")
+        return out  # kept in `made`, so no later tensor takes its id
+
+    def recording(first, second):
+        pairs.append(tuple(made[id(x)][1] if id(x) in made and made[id(x)][0] is x else None for x in (first, second)))
+        return real_k3(first, second)
+
+    monkeypatch.setattr(module, "batched_logprobs", tagging)
+    monkeypatch.setattr(module, "k3_kl", recording)
+    module.train_lm(module.LMArgs(num_iterations=1, eval_every=1, prompts_per_step=2, group_size=4, max_new_tokens=8,
+                                  num_eval_prompts=4, update_epochs=2, output_dir=str(tmp_path)))
+    assert pairs.count(("policy", "reference")) == 2 and ("reference", "policy") not in pairs, pairs  # two evaluations
+
+
+@pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
+def test_micro_batching_and_checkpointing_give_the_full_batch_update_and_saved_model_loads(tmp_path, script):
+    """Micro-batches of 5 sequences; Hard's hold whole groups of 8 (its fit is a softmax over a group)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    common = dict(num_iterations=2, eval_every=2, update_epochs=2, num_minibatches=2, save_model=True)
+    module, common = __import__(script), dict(num_iterations=2, eval_every=2, update_epochs=2, num_minibatches=2,
+                                              save_model=True)
+
+    def run(folder, **kw):
+        summary = module.train_lm(module.LMArgs(output_dir=str(folder), **kw))
+        return summary, os.path.join(str(folder), summary["run_name"])
+
     _, dir_full = run(tmp_path / "full", micro_batch_size=64, **common)
     _, dir_micro = run(tmp_path / "micro", micro_batch_size=5, gradient_checkpointing=True, **common)
     full = AutoModelForCausalLM.from_pretrained(os.path.join(dir_full, "model"))
