@@ -423,8 +423,9 @@ def load_lm_policy(args: LMArgs, device: torch.device):
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     eos = policy.generation_config.eos_token_id or tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
-    # A fresh config, so no hub default (top-k, top-p, repetition penalty) distorts the
-    # distribution the ratios are computed under; GumbelSampler below does the sampling.
+    # A fresh config, so no hub default (top-k, top-p, repetition penalty) distorts the distribution the
+    # ratios are computed under; GumbelSampler below does the sampling. --save-model puts the loaded one back.
+    policy.loaded_generation_config = policy.generation_config
     policy.generation_config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens,
                                                 eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
     # The policy runs in training mode, the only one where transformers checkpoints activations (from_pretrained
@@ -758,6 +759,7 @@ def train_lm(args: LMArgs) -> dict:
     if rank != 0:
         return {}
     if args.save_model:
+        policy.generation_config = policy.loaded_generation_config  # the saved model samples as the loaded one
         policy.save_pretrained(os.path.join(run_dir, "model"))
         tokenizer.save_pretrained(os.path.join(run_dir, "model"))
     train_time = time.time() - start  # evaluation excluded, as in the MuJoCo scripts

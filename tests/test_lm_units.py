@@ -1,4 +1,6 @@
 """Hand-computed checks of the LM pieces of grpo_baseline.py (spec sections 1-2)."""
+import contextlib
+import json
 import math
 
 import pytest
@@ -124,6 +126,39 @@ def test_a_loaded_policy_trains_without_dropout_and_saves_its_config_unchanged(t
     assert policy.training and torch.equal(first, second)  # training mode: checkpointing needs it
     rates = [k for k, v in config.to_dict().items() if "drop" in k and v == 0.5]
     assert rates and all(policy.config.to_dict()[k] == 0.5 for k in rates)  # what save_pretrained would write
+
+
+@pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
+def test_rollouts_ignore_the_models_generation_config_and_the_saved_model_keeps_it(tmp_path, script):
+    """A hub generation_config.json (Qwen's has sampling, top-k and a repetition penalty) must not touch the
+    rollouts: they sample softmax(logits / T) up to --max-new-tokens. The saved model keeps it, or what serving
+    tools load from it greedy-decodes --max-new-tokens tokens."""
+    from conftest import tiny_llama_config
+    from transformers import ByT5Tokenizer, GenerationConfig, LlamaForCausalLM
+
+    hub = dict(do_sample=True, temperature=0.3, top_k=2, repetition_penalty=3.0, no_repeat_ngram_size=1,
+               max_new_tokens=3, eos_token_id=[1], pad_token_id=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.generation_config = GenerationConfig(**hub)
+    model.save_pretrained(tmp_path / "hub")
+    ByT5Tokenizer().save_pretrained(tmp_path / "hub")
+    module = __import__(script)
+    args = module.LMArgs(model_name_or_path=str(tmp_path / "hub"), cuda=False, max_new_tokens=10, num_iterations=1,
+                         prompts_per_step=2, group_size=4, num_eval_prompts=2, output_dir=str(tmp_path),
+                         save_model=True)
+    policy, _, tokenizer, eos_ids = module.load_lm_policy(args, torch.device("cpu"))
+    prompts = module.encode_prompts(tokenizer, module.tiny_task_prompts(4), 64, eos_ids)
+    batch = module.sample_completions(policy, tokenizer, prompts, 4, eos_ids, contextlib.nullcontext(),
+                                      torch.device("cpu"), list(range(16)), 1.0)
+    with torch.no_grad():
+        logp = module.token_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["mask"].shape[1], 1.0)
+    assert batch["mask"].shape[1] == 10
+    torch.testing.assert_close(logp * batch["mask"], batch["logp"] * batch["mask"], atol=1e-4, rtol=0)
+    summary = module.train_lm(args)
+    with open(tmp_path / summary["run_name"] / "model" / "generation_config.json") as f:
+        saved = json.load(f)
+    assert {k: saved.get(k) for k in hub} == hub
 
 
 @pytest.mark.parametrize("loaded", [False, True])
