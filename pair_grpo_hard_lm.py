@@ -635,6 +635,11 @@ def train_lm(args: LMArgs) -> dict:
     train_records, eval_records = load_lm_prompts(args, tokenizer)
     train_ids, eval_ids = (encode_prompts(tokenizer, records, args.max_prompt_length, eos_ids)
                            for records in (train_records, eval_records))
+    # past its position table a GPT-2 or OPT policy fails deep inside generate, a rotary one drifts silently
+    positions, longest = getattr(policy.config, "max_position_embeddings", None), max(map(len, train_ids + eval_ids))
+    check([(not positions or longest + args.max_new_tokens <= positions, f"the longest prompt ({longest} tokens after "
+            f"--max-prompt-length {args.max_prompt_length}) and --max-new-tokens {args.max_new_tokens} need "
+            f"{longest + args.max_new_tokens} positions; the policy has {positions}: lower one of the two")])
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
     # Fast rollouts sample from a bf16 copy (fp32 on the CPU) refreshed after each update; the ratios
     # keep using the policy's own log-probs, so the objective is unchanged.

@@ -1,4 +1,5 @@
 """End-to-end runs of `grpo_baseline.py`: learning, determinism, reward-model path, bad input."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -223,6 +224,27 @@ def test_bad_settings_fail_in_one_line(tmp_path, script, flag, overrides):
         module.train_lm(module.LMArgs(output_dir=str(tmp_path), **overrides))
     message = str(info.value.code)
     assert message.startswith("error: ") and "\n" not in message and flag in message, message
+
+
+@pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
+def test_prompt_and_completion_longer_than_the_policys_positions_fail_in_one_line(tmp_path, script):
+    """A GPT-2 policy with 64 positions: a 30-token prompt and 40 new tokens would index past its position table
+    inside generate; 24 + 40 fit exactly and train."""
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=384, n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                                                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
+                                 ).save_pretrained(tmp_path / "gpt2")
+    transformers.ByT5Tokenizer().save_pretrained(tmp_path / "gpt2")
+    module = __import__(script)
+    args = module.LMArgs(model_name_or_path=str(tmp_path / "gpt2"), max_new_tokens=40, num_iterations=1,
+                         prompts_per_step=2, group_size=4, num_eval_prompts=2, output_dir=str(tmp_path), cuda=False)
+    with pytest.raises(SystemExit) as info:
+        module.train_lm(args)
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "70 positions" in message, message
+    assert module.train_lm(dataclasses.replace(args, max_prompt_length=24))["global_step"] == 8
 
 
 @pytest.mark.parametrize("script", ["grpo_baseline", "pair_grpo_soft_lm", "pair_grpo_hard_lm"])
