@@ -77,7 +77,7 @@ class LMArgs:
     temperature: float = 1.0
     """sampling temperature; the ratios use the same temperature-scaled logits"""
     reward_max_length: int = 1024
-    """the reward model sees at most this many tokens (the end is kept)"""
+    """the reward model sees at most this many tokens, and no more than its tokenizer takes (the end is kept)"""
 
     # algorithm
     num_iterations: int = 40
@@ -528,6 +528,11 @@ def load_lm_judge(args: LMArgs, device: torch.device):
     rm_tokenizer.pad_token = rm_tokenizer.pad_token or rm_tokenizer.eos_token
     reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
     rm_tokenizer.truncation_side = "left"  # keep the completion when a dialogue is too long
+    # an encoder's position table ends where its tokenizer says (RoBERTa, ELECTRA: 512); past it, it fails mid-run
+    max_length = min(args.reward_max_length, rm_tokenizer.model_max_length)
+    if max_length < args.reward_max_length:
+        print(f"{flag}: reads at most {max_length} tokens (its tokenizer's model_max_length), "
+              f"not --reward-max-length {args.reward_max_length}")
     templated = bool(getattr(rm_tokenizer, "chat_template", None))
 
     @torch.no_grad()
@@ -536,7 +541,7 @@ def load_lm_judge(args: LMArgs, device: torch.device):
                  if templated else r["text"] + c for r, c in zip(records, completions)]
         return torch.cat([reward_model(**rm_tokenizer(
             texts[i: i + args.micro_batch_size], return_tensors="pt", padding=True, truncation=True,
-            max_length=args.reward_max_length, add_special_tokens=not templated).to(device)).logits[:, 0].float().cpu()
+            max_length=max_length, add_special_tokens=not templated).to(device)).logits[:, 0].float().cpu()
             for i in range(0, len(texts), args.micro_batch_size)])
 
     return judge

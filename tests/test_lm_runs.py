@@ -180,6 +180,30 @@ def test_reward_model_judge_reads_the_dialogue_and_the_reply_and_keeps_their_end
         torch.testing.assert_close(score, alone, atol=1e-4, rtol=1e-4)
 
 
+def test_reward_model_reads_no_more_than_its_tokenizer_takes(tmp_path, hh_dir):
+    """An encoder reward model (RoBERTa: 24 tokens, its tokenizer's model_max_length, in 26 positions) fails
+    inside its embedding on a longer text, mid-run when a long dialogue comes; under the default
+    --reward-max-length 1024 it reads each text's last 24 tokens instead."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(vocab_size=384, max_position_embeddings=26, hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=64, pad_token_id=0, num_labels=1)
+    transformers.RobertaForSequenceClassification(config).save_pretrained(tmp_path)
+    transformers.ByT5Tokenizer(model_max_length=24).save_pretrained(tmp_path)
+    args = gb.LMArgs(reward_model_name_or_path=str(tmp_path), dataset_name=hh_dir, num_eval_prompts=4)
+    records = gb.load_lm_prompts(args, transformers.ByT5Tokenizer())[0][:3]
+    replies = [" It is 4.", " No idea at all, sorry.", " 8"]
+    scores = gb.load_lm_judge(args, torch.device("cpu"))(records, replies)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    for record, reply, score in zip(records, replies, scores):
+        ids = transformers.ByT5Tokenizer()(record["text"] + reply)["input_ids"]
+        assert len(ids) > 24 and args.reward_max_length > 24
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([ids[-24:]])).logits[0, 0]
+        torch.testing.assert_close(score, alone, atol=1e-4, rtol=1e-4)
+
+
 def test_ultrafeedback_prompts_are_chat_templated(ultrafeedback_dir, tiny_chat_policy_dir):
     from transformers import AutoTokenizer
 
