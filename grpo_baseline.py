@@ -300,10 +300,11 @@ def rules_score(record: dict, reply: str) -> float:
     fit = max(0.0, 1 - abs(len(reply) - record["length"]) / record["length"])
     return len(allowed & set(reply)) / len(allowed) * clean * fit
 
-def hh_prompt(chosen: str, row: int, split: str) -> dict:
+def hh_prompt(chosen, row: int, split: str) -> dict:
     """HH-RLHF: the dialogue of `chosen` up to and including its last "\\n\\nAssistant:"."""
-    cut = chosen.rfind("\n\nAssistant:")
-    check([(cut >= 0, f"dataset row {row} of split {split!r}: 'chosen' has no '\\n\\nAssistant:' turn")])
+    cut = chosen.rfind("\n\nAssistant:") if isinstance(chosen, str) else -1  # not a list of messages
+    check([(cut >= 0, f"dataset row {row} of split {split!r}: 'chosen' is not a text dialogue with a "
+            "'\\n\\nAssistant:' turn (HH-RLHF's schema)")])
     parts = re.split(r"\n\n(Human|Assistant):", text := chosen[: cut + len("\n\nAssistant:")])[1:]
     messages = [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
                 for who, said in zip(parts[::2], parts[1::2]) if said.strip()]

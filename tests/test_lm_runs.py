@@ -293,6 +293,18 @@ def test_hh_row_without_assistant_turn(tmp_path):
     expect_error("dataset row 1 of split 'train'", dataset_name=str(path), num_eval_prompts=1, output_dir=str(tmp_path))
 
 
+def test_conversational_preference_rows_name_the_row(tmp_path):
+    """TRL's conversational format keeps 'chosen' (or 'prompt') as a list of messages: a one-line error naming
+    the row, not an AttributeError from inside the prompt parser."""
+    row = {"role": "user", "content": "hi"}
+    for column in ("chosen", "prompt"):
+        path = tmp_path / f"{column}.jsonl"
+        path.write_text("".join(json.dumps({column: [row, {"role": "assistant", "content": "yo"}]}) + "\n"
+                                for _ in range(3)))
+        expect_error("dataset row 0 of split 'train'", dataset_name=str(path), num_eval_prompts=1,
+                     output_dir=str(tmp_path))
+
+
 @pytest.mark.parametrize("flag", ["model_name_or_path", "reward_model_name_or_path", "dataset_name"])
 def test_path_that_does_not_exist(tmp_path, flag):
     expect_error("no such file or directory", **{flag: str(tmp_path / "missing" / "thing")}, output_dir=str(tmp_path))
