@@ -306,8 +306,9 @@ def hh_prompt(chosen, row: int, split: str) -> dict:
     check([(cut >= 0, f"dataset row {row} of split {split!r}: 'chosen' is not a text dialogue with a "
             "'\\n\\nAssistant:' turn (HH-RLHF's schema)")])
     parts = re.split(r"\n\n(Human|Assistant):", text := chosen[: cut + len("\n\nAssistant:")])[1:]
+    # every turn, an empty one too (strict chat templates need roles that alternate), but the reply to come
     messages = [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
-                for who, said in zip(parts[::2], parts[1::2]) if said.strip()]
+                for who, said in zip(parts[::2], parts[1::2])][:-1]
     return {"text": text, "templated": False, "messages": messages}
 
 def plain_prompt(prompt, row: int, split: str, tokenizer, use_chat_template: bool) -> dict:

@@ -202,6 +202,15 @@ def test_hh_prompt_keeps_dialogue_up_to_last_assistant_turn():
                                   {"role": "user", "content": "bye?"}]
 
 
+def test_hh_prompt_keeps_an_empty_turn_so_roles_alternate():
+    """Strict chat templates (Llama 2's, Gemma's) raise when roles do not alternate: a reward model's template
+    would fail mid-run on the first dialogue with an empty reply in it."""
+    record = gb.hh_prompt("\n\nHuman: hi\n\nAssistant:\n\nHuman: still there?\n\nAssistant: yes\n\nHuman: ok"
+                          "\n\nAssistant:", 0, "train")
+    assert [(m["role"], m["content"]) for m in record["messages"]] == [
+        ("user", "hi"), ("assistant", ""), ("user", "still there?"), ("assistant", "yes"), ("user", "ok")]
+
+
 def test_hh_prompt_without_assistant_turn_names_the_row():
     with pytest.raises(SystemExit, match="row 3 of split 'test'"):
         gb.hh_prompt("\n\nHuman: hi", 3, "test")
