@@ -434,7 +434,7 @@ def load_lm_judge(args: LMArgs, device: torch.device):
     rm_tokenizer.pad_token = rm_tokenizer.pad_token or rm_tokenizer.eos_token
     reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
     rm_tokenizer.truncation_side = "left"  # keep the completion when a dialogue is too long
-    # an encoder's position table ends where its tokenizer says (RoBERTa, ELECTRA: 512); past it, it fails mid-run
+    # an encoder's position table (RoBERTa, ELECTRA) ends where its tokenizer says; past it, it fails mid-run
     max_length = min(args.reward_max_length, rm_tokenizer.model_max_length)
     if max_length < args.reward_max_length:
         print(f"{flag}: reads at most {max_length} tokens (its tokenizer's model_max_length), "
